@@ -1,0 +1,176 @@
+"""What this machine can do, probed once per process (``python -m pytest_enclave doctor``)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import uuid
+from contextlib import suppress
+from dataclasses import dataclass
+
+from . import _linux
+
+__all__ = ["Capability", "capabilities", "has_netem", "report"]
+
+
+@dataclass(frozen=True)
+class Capability:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+
+    def line(self) -> str:
+        mark = "ok     " if self.ok else "MISSING"
+        text = f"{mark} {self.name:<12} {self.detail}"
+        return text if self.ok or not self.fix else f"{text}\n{'':20}fix: {self.fix}"
+
+
+def _privileges() -> Capability:
+    try:
+        _linux.require_privileges()
+    except Exception as exc:  # PermissionDeniedError, reported not raised
+        return Capability("privileges", False, str(exc), "run as root (sudo -E ...)")
+    return Capability("privileges", True, f"uid {os.geteuid()}: may create namespaces")
+
+
+def _in_scratch_netns(fn):  # type: ignore[no-untyped-def]  # (() -> T) -> T
+    name = f"pe-probe-{uuid.uuid4().hex[:8]}"
+    path = _linux.create_netns(name)
+    try:
+        return fn(path)
+    finally:
+        _linux.delete_netns(name)
+
+
+def _namespaces() -> Capability:
+    try:
+        _in_scratch_netns(lambda path: None)
+    except Exception as exc:
+        return Capability(
+            "namespaces",
+            False,
+            f"cannot create a network namespace: {exc}",
+            "needs a kernel with CONFIG_NET_NS and root",
+        )
+    return Capability("namespaces", True, "network namespaces, veth and bridges")
+
+
+def _nftables() -> Capability:
+    from .shapers._libnft import Nft
+
+    def attempt(path: str) -> None:
+        worker = _linux.NamespaceWorker(path)
+        try:
+            worker.call(
+                lambda: Nft().run(
+                    "table bridge t {\n chain f {\n type filter hook forward priority 0;\n"
+                    "numgen random mod 100 < 50 drop\n }\n}\n"
+                )
+            )
+        finally:
+            worker.close()
+
+    try:
+        _in_scratch_netns(attempt)
+    except Exception as exc:
+        return Capability(
+            "nftables",
+            False,
+            f"bridge filtering with nftables failed: {exc}",
+            "apt-get install libnftables1; kernel needs nf_tables, "
+            "nft_numgen and nf_tables bridge support",
+        )
+    return Capability("nftables", True, "libnftables in-process: block, loss, reject")
+
+
+@functools.cache
+def has_netem() -> str | None:
+    """None if a netem qdisc can be created here, else the reason it cannot."""
+    from pyroute2 import IPRoute
+
+    def attempt(path: str) -> None:
+        with IPRoute(fileno=_linux.netlink_socket_in(path)) as ipr:
+            ipr.link("add", ifname="d0", kind="dummy")
+            idx = ipr.link_lookup(ifname="d0")[0]
+            ipr.link("set", index=idx, state="up")
+            ipr.tc("add", "netem", index=idx, handle="1:", delay=1000)
+
+    try:
+        _in_scratch_netns(attempt)
+    except Exception as exc:
+        return f"no sch_netem qdisc in kernel {os.uname().release} ({exc})"
+    return None
+
+
+def _netem() -> Capability:
+    reason = has_netem()
+    if reason is None:
+        return Capability(
+            "netem", True, "sch_netem: delay, jitter, duplicate, corrupt, reorder, rate"
+        )
+    uml = "" if shutil.which("linux") else "apt-get install user-mode-linux, then "
+    return Capability(
+        "netem",
+        False,
+        reason + "; delay/jitter/duplicate/corrupt/reorder/rate "
+        "raise CapabilityError, block and loss still work",
+        f"modprobe sch_netem, or use a kernel built with CONFIG_NET_SCH_NETEM; "
+        f"to run the netem tests here: {uml}tox -e netem (user-mode-linux)",
+    )
+
+
+def _docker() -> Capability:
+    try:
+        import docker
+    except ImportError:
+        return Capability(
+            "docker",
+            False,
+            "the docker SDK is not installed",
+            "pip install 'pytest-enclave[docker]'",
+        )
+    try:
+        client = docker.from_env(timeout=3)
+        version = client.version().get("Version", "?")
+        client.close()
+    except Exception as exc:
+        return Capability(
+            "docker",
+            False,
+            f"no Docker engine reachable ({exc.__class__.__name__})",
+            "apt-get install docker.io && dockerd & (or systemctl start docker)",
+        )
+    return Capability("docker", True, f"engine {version} reachable")
+
+
+def _uml() -> Capability:
+    from .uml import uml_available
+
+    reason = uml_available()
+    if reason:
+        return Capability("uml", False, reason, "apt-get install user-mode-linux")
+    return Capability("uml", True, "user-mode-linux can run the netem tests")
+
+
+def capabilities() -> list[Capability]:
+    """Every capability, probed now."""
+    checks = [_privileges()]
+    if checks[0].ok:
+        checks += [_namespaces(), _nftables(), _netem()]
+    checks.append(_docker())
+    with suppress(ImportError):
+        checks.append(_uml())
+    return checks
+
+
+def report() -> tuple[str, bool]:
+    """The doctor's text and whether everything needed for the default backend is there."""
+    caps = capabilities()
+    essential = {"privileges", "namespaces", "nftables"}
+    ok = all(c.ok for c in caps if c.name in essential)
+    lines = [f"pytest-enclave doctor (kernel {os.uname().release})"]
+    lines += [c.line() for c in caps]
+    lines.append("netns backend: " + ("ready" if ok else "NOT usable, see above"))
+    return "\n".join(lines), ok
