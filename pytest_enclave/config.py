@@ -280,14 +280,15 @@ def connection_from(
 class PortSpec:
     """A port a service listens on (Kurtosis's PortSpec).
 
-    ``wait`` is how long ``add_service`` waits for a TCP port to accept connections (None: do
-    not wait), as in Kurtosis, where every TCP port is waited for by default.
+    ``wait`` is how long ``add_service`` waits for a TCP port to accept connections: True (the
+    default, as in Kurtosis where every TCP port is waited for) means the service's
+    ``ready_timeout``, a number or timedelta is its own limit, None does not wait.
     """
 
     number: int
     transport_protocol: Literal["TCP", "UDP"] = "TCP"
     application_protocol: str = ""
-    wait: Duration | None = 15.0
+    wait: Duration | bool | None = True
 
     def __post_init__(self) -> None:
         if (
@@ -300,8 +301,10 @@ class PortSpec:
             raise ConfigError(
                 f"transport_protocol={self.transport_protocol!r} is not allowed: use TCP or UDP"
             )
-        if self.wait is not None:
-            seconds(self.wait, "wait")
+        if self.wait is False:
+            object.__setattr__(self, "wait", None)
+        if self.wait is not None and self.wait is not True:
+            seconds(self.wait, "wait")  # type: ignore[arg-type]  # not bool here
 
 
 @dataclass(frozen=True)

@@ -249,8 +249,8 @@ class Enclave:
     def _wait_ready(self, service: Service) -> None:
         config = service.config
         conditions: list[ReadyCondition] = [
-            TcpPort(p.number, timeout=p.wait)  # type: ignore[union-attr]
-            for p in config.ports.values()
+            TcpPort(p.number, timeout=None if p.wait is True else p.wait)  # type: ignore
+            for p in config.ports.values()  # (ports hold PortSpecs once validated)
             if p.transport_protocol == "TCP" and p.wait is not None  # type: ignore[union-attr]
         ]
         conditions += config.ready_conditions

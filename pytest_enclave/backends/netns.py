@@ -145,6 +145,8 @@ class NetnsBackend:
         svc = self._services.get(spec.name)
         if svc is None:
             svc = self._create_netns(spec)
+            with open(self.log_path(spec.name), "wb"):
+                pass  # a new service starts a new log (a restart appends)
         svc.spec = spec
         executable = shutil.which(spec.argv[0], path=spec.env.get("PATH"))
         if executable is None:
@@ -272,6 +274,13 @@ class NetnsBackend:
 
     def netns_of(self, name: str) -> str:
         return self._services[name].netns
+
+
+def mac_for(ip: str) -> str:
+    """A locally administered MAC derived from the address: a service removed and added again
+    gets the same one, so no peer's neighbour cache points at a vanished interface."""
+    a, b, c, d = (int(x) for x in ip.split("."))
+    return f"02:70:{a:02x}:{b:02x}:{c:02x}:{d:02x}"
 
 
 def _kill_in(netns_names: Sequence[str], signum: int = signal.SIGKILL) -> None:

@@ -35,6 +35,7 @@ def _load() -> ctypes.CDLL:
         lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
         lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
         lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_set_dry_run.argtypes = [ctypes.c_void_p, ctypes.c_bool]
         _lib = lib
     return _lib
 
@@ -59,6 +60,17 @@ class Nft:
             first = commands if len(commands) < 2000 else commands[:2000] + " ..."
             raise BackendError(f"nftables refused the change: {err.strip()}\n--- input:\n{first}")
         return out
+
+    def accepts(self, commands: str) -> bool:
+        """Whether the kernel would take ``commands`` (checked, never committed)."""
+        self._lib.nft_ctx_set_dry_run(self._ctx, True)
+        try:
+            self.run(commands)
+            return True
+        except BackendError:
+            return False
+        finally:
+            self._lib.nft_ctx_set_dry_run(self._ctx, False)
 
     def run_json(self, commands: str) -> Any:
         self._lib.nft_ctx_output_set_flags(self._ctx, self.NFT_CTX_OUTPUT_JSON)

@@ -77,11 +77,20 @@ class NftablesShaper:
         self._nft: Nft | None = None
         self._applied = False
         self.netem_fields_ok = False  # set by a netem-capable composite
+        self._reject: bool | None = None
 
     def check(self, table: PolicyTable) -> None:
+        configs = table.configs
+        if any(c.reject for c in configs) and not self._reject_ok():
+            where = f" ({self._kernel})" if self._kernel else ""
+            raise CapabilityError(
+                "reject=True needs nftables' reject in the bridge family (module "
+                f"nft_reject_bridge), which this kernel{where} lacks: use BLOCKED (a silent "
+                "drop) instead, or a kernel with CONFIG_NFT_BRIDGE_REJECT"
+            )
         if self.netem_fields_ok:
             return
-        for config in table.configs:
+        for config in configs:
             fields = config.needs_netem
             if fields:
                 raise CapabilityError(
@@ -90,6 +99,15 @@ class NftablesShaper:
                     "packet_loss_percentage, BLOCKED and reject work here. Run `python -m "
                     "pytest_enclave doctor` for how to get netem"
                 )
+
+    def _reject_ok(self) -> bool:
+        if self._reject is None:
+            probe = (
+                "table bridge pe_probe {\n chain f {\n type filter hook forward priority 0;\n"
+                " meta l4proto tcp reject with tcp reset\n }\n}\n"
+            )
+            self._reject = self._worker.call(lambda: self._ctx().accepts(probe))
+        return self._reject
 
     def apply(self, table: PolicyTable, addresses: Mapping[str, str]) -> None:
         script = render(self.table_name, table, addresses)
