@@ -11,9 +11,11 @@ import ctypes
 import errno
 import fcntl
 import os
+import queue
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from contextlib import suppress
 from typing import TypeVar
 
@@ -251,27 +253,47 @@ class NamespaceWorker:
     """One long-lived thread inside a network namespace; ``call`` runs functions there.
 
     Used for libnftables, whose context talks to the namespace of the thread using it.
-    ``path=None`` stays in the caller's namespace.
+    ``path=None`` stays in the caller's namespace. A daemon thread of our own (not a
+    ThreadPoolExecutor, which refuses work once the interpreter starts exiting), so
+    enclaves closed from an atexit hook can still clean up.
     """
 
     def __init__(self, path: str | None) -> None:
-        from concurrent.futures import ThreadPoolExecutor
-
+        self._jobs: queue.SimpleQueue[tuple[Callable[[], object], Future[object]] | None] = (
+            queue.SimpleQueue()
+        )
         fd = os.open(path, os.O_RDONLY) if path else -1
-
-        def enter() -> None:
-            if fd >= 0:
-                setns(fd, CLONE_NEWNET)
-
-        self._pool = ThreadPoolExecutor(1, "pytest-enclave-nft", initializer=enter)
+        ready: Future[object] = Future()
+        self._thread = threading.Thread(
+            target=self._run, args=(fd, ready), name="pytest-enclave-ns", daemon=True
+        )
+        self._thread.start()
         try:
-            self._pool.submit(lambda: None).result()
+            ready.result()
         finally:
             if fd >= 0:
                 os.close(fd)
 
+    def _run(self, fd: int, ready: Future[object]) -> None:
+        try:
+            if fd >= 0:
+                setns(fd, CLONE_NEWNET)
+        except OSError as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        while (job := self._jobs.get()) is not None:
+            fn, result = job
+            try:
+                result.set_result(fn())
+            except BaseException as exc:  # handed to the caller
+                result.set_exception(exc)
+
     def call(self, fn: Callable[[], T]) -> T:
-        return self._pool.submit(fn).result()
+        result: Future[object] = Future()
+        self._jobs.put((fn, result))
+        return result.result()  # type: ignore[return-value]  # fn's own result
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._jobs.put(None)
+        self._thread.join()

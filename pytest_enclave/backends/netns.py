@@ -94,7 +94,7 @@ class NetnsBackend:
         _netlink(
             "creating the enclave bridge", lambda: hub.link("add", ifname="br0", kind="bridge")
         )
-        br = hub.link_lookup(ifname="br0")[0]
+        br = self._bridge = hub.link_lookup(ifname="br0")[0]
         hub.link("set", index=hub.link_lookup(ifname="lo")[0], state="up")
         fd = os.open(hub_path, os.O_RDONLY)
         try:
@@ -115,7 +115,9 @@ class NetnsBackend:
             os.close(fd)
         hub.link("set", index=hub.link_lookup(ifname="up0")[0], master=br, state="up")
         hub.link("set", index=br, state="up")
-        return NftablesShaper(hub_path, "pytest_enclave", kernel=os.uname().release)
+        return NftablesShaper(
+            hub_path, "pytest_enclave", kernel=os.uname().release, drop_on_close=False
+        )
 
     def close(self, keep: bool = False) -> None:
         if keep:
@@ -130,10 +132,14 @@ class NetnsBackend:
                 with suppress(subprocess.TimeoutExpired):
                     svc.proc.wait(timeout=5)
         if self._hub is not None:
+            # Deleting the hub end of the host link removes both ends, through the socket we
+            # already have (a new host socket would cost more than the deletion itself).
+            with suppress(NetlinkError, IndexError):
+                self._hub.link("del", index=self._hub.link_lookup(ifname="up0")[0])
             self._hub.close()
             self._hub = None
         if self._slot is not None:
-            _delete_host_link(f"pe{self._slot.number}h")
+            _delete_host_link(f"pe{self._slot.number}h")  # only if the above failed
         for name in names:
             if name:
                 _linux.delete_netns(name)
@@ -182,21 +188,21 @@ class NetnsBackend:
         self._services[spec.name] = svc
         fd = os.open(path, os.O_RDONLY)
         try:
+            # One request: the hub end is created enslaved and up, the service end lands in
+            # its namespace with a known index (1 is lo there) and a stable MAC.
+            peer = {"ifname": "eth0", "net_ns_fd": fd, "address": mac_for(spec.ip), "index": 2}
             _netlink(
                 f"creating the link of service {spec.name!r}",
                 lambda: hub.link(
-                    "add", ifname=port, kind="veth", peer={"ifname": "eth0", "net_ns_fd": fd}
+                    "add", ifname=port, kind="veth", master=self._bridge, state="up", peer=peer
                 ),
             )
         finally:
             os.close(fd)
-        br = hub.link_lookup(ifname="br0")[0]
-        hub.link("set", index=hub.link_lookup(ifname=port)[0], master=br, state="up")
         with IPRoute(fileno=_linux.netlink_socket_in(path)) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            eth0 = ns.link_lookup(ifname="eth0")[0]
-            ns.addr("add", index=eth0, address=spec.ip, prefixlen=24)
-            ns.link("set", index=eth0, state="up")
+            ns.link("set", index=1, state="up")
+            ns.addr("add", index=2, address=spec.ip, prefixlen=24)
+            ns.link("set", index=2, state="up")
         return svc
 
     def remove(self, name: str) -> None:
@@ -294,6 +300,8 @@ def _kill_in(netns_names: Sequence[str], signum: int = signal.SIGKILL) -> None:
 
 
 def _delete_host_link(ifname: str) -> None:
+    if not os.path.exists(f"/sys/class/net/{ifname}"):
+        return
     with IPRoute() as host:
         for idx in host.link_lookup(ifname=ifname):
             with suppress(NetlinkError):

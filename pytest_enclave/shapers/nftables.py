@@ -70,8 +70,13 @@ class NftablesShaper:
     such fields raise CapabilityError.
     """
 
-    def __init__(self, netns_path: str | None, table_name: str, kernel: str = "") -> None:
+    def __init__(
+        self, netns_path: str | None, table_name: str, kernel: str = "", drop_on_close: bool = True
+    ) -> None:
         self.table_name = table_name
+        # False when the namespace is the enclave's own: deleting it removes the table
+        # (and an nft transaction less makes teardown ~10 ms faster).
+        self._drop_on_close = drop_on_close
         self._kernel = kernel
         self._worker = NamespaceWorker(netns_path)
         self._nft: Nft | None = None
@@ -127,7 +132,7 @@ class NftablesShaper:
 
     def close(self) -> None:
         def drop() -> None:
-            if self._applied:
+            if self._applied and self._drop_on_close:
                 # BackendError: already gone (e.g. its namespace was removed first)
                 with suppress(BackendError):
                     self._ctx().run(f"delete table bridge {self.table_name}")
