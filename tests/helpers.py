@@ -40,6 +40,19 @@ def host_state() -> dict[str, object]:
     return {"nft": nft, "routes": routes, "links": links, "netns": netns}
 
 
+def foreign(state: dict[str, object]) -> dict[str, object]:
+    """A host state without any enclave's resources (other xdist workers make some too)."""
+    import re
+
+    mine = re.compile(r"pe\d+(h|-.*)$")
+    return {
+        "nft": state["nft"],
+        "routes": [r for r in state["routes"] if not mine.match(r.get("dev", ""))],  # type: ignore[union-attr]
+        "links": [x for x in state["links"] if not mine.match(x)],  # type: ignore[union-attr]
+        "netns": [x for x in state["netns"] if not mine.match(x)],  # type: ignore[union-attr]
+    }
+
+
 def ours(state: dict[str, object]) -> dict[str, list[str]]:
     """The parts of a host state that pytest-enclave would have made."""
     import re
