@@ -7,11 +7,15 @@ import os
 import shutil
 import uuid
 from contextlib import suppress
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from . import _linux
 
 __all__ = ["Capability", "capabilities", "has_netem", "report"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,7 +39,8 @@ def _privileges() -> Capability:
     return Capability("privileges", True, f"uid {os.geteuid()}: may create namespaces")
 
 
-def _in_scratch_netns(fn):  # type: ignore[no-untyped-def]  # (() -> T) -> T
+def _in_scratch_netns(fn: Callable[[str], T]) -> T:
+    """Run ``fn(path)`` with a throwaway network namespace at ``path``."""
     name = f"pe-probe-{uuid.uuid4().hex[:8]}"
     path = _linux.create_netns(name)
     try:

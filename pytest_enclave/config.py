@@ -304,7 +304,7 @@ class PortSpec:
         if self.wait is False:
             object.__setattr__(self, "wait", None)
         if self.wait is not None and self.wait is not True:
-            seconds(self.wait, "wait")  # type: ignore[arg-type]  # not bool here
+            seconds(self.wait, "wait")
 
 
 @dataclass(frozen=True)

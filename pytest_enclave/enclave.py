@@ -388,7 +388,7 @@ class Enclave:
             self._apply(replace(self._state, default=conn))
             self.timeline.record("set_connection", f"default: {conn.describe()}")
             return Fault(
-                f"default connection {conn.describe()}", lambda: self.set_connection(config=before)
+                f"default connection {conn.describe()}", lambda: self._restore_default(before)
             )
         pair = self._pair(subnetworks)
         previous = self._state.overrides.get(pair)
@@ -398,6 +398,12 @@ class Enclave:
         return Fault(
             f"{a} <-> {b} {conn.describe()}", lambda: self._restore_override(pair, previous)
         )
+
+    def _restore_default(self, previous: ConnectionConfig) -> None:
+        if self._closed or self._state.default == previous:
+            return
+        self._apply(replace(self._state, default=previous))
+        self.timeline.record("restore", f"default: {previous.describe()}")
 
     def _restore_override(self, pair: frozenset[str], previous: ConnectionConfig | None) -> None:
         if self._closed or self._state.overrides.get(pair) == previous:

@@ -152,4 +152,4 @@ def command(python: str = sys.executable) -> list[str]:
 
 
 if __name__ == "__main__":
-    serve(*(sys.argv[1:2] or ["0.0.0.0"]))
+    serve(sys.argv[1] if len(sys.argv) > 1 else "0.0.0.0")

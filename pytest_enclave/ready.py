@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import re
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -143,7 +144,7 @@ def wait_ready(
             wait=tenacity.wait_exponential(multiplier=0.002, max=0.1),
             retry=tenacity.retry_if_result(lambda ok: not ok),
             retry_error_callback=lambda state: False,
-            **({"sleep": sleep} if sleep else {}),
+            sleep=sleep or time.sleep,
         )
         if not retrying(attempt):
             raise ReadyTimeoutError(
