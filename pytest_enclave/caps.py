@@ -6,8 +6,8 @@ import functools
 import os
 import shutil
 import uuid
-from contextlib import suppress
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TypeVar
 
