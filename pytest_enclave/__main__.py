@@ -32,7 +32,7 @@ def _doctor(args: argparse.Namespace) -> int:
 def _clean(args: argparse.Namespace) -> int:
     from .reaper import clean
 
-    removed = clean(include_kept=not args.keep_kept)
+    removed = clean(include_kept=not args.keep_kept, enclave_ids=args.ids or None)
     for line in removed:
         print(f"removed {line}")
     print(f"{len(removed)} leftover resource(s) removed")
@@ -52,11 +52,20 @@ def main(argv: list[str] | None = None) -> int:
         "clean", help="remove enclaves left by killed runs or kept for inspection (--enclave-keep)"
     )
     clean.add_argument(
+        "ids", nargs="*", metavar="ID", help="only these enclaves (e.g. pe12); default: all free"
+    )
+    clean.add_argument(
         "--keep-kept", action="store_true", help="leave enclaves kept for inspection alone"
     )
     clean.set_defaults(fn=_clean)
     args = parser.parse_args(argv)
-    return int(args.fn(args))
+    from .errors import EnclaveError
+
+    try:
+        return int(args.fn(args))
+    except EnclaveError as exc:
+        print(f"python -m pytest_enclave {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

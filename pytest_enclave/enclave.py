@@ -637,8 +637,8 @@ class Enclave:
 
     # -- reports --------------------------------------------------------------------------
 
-    def describe(self, log_lines: int = 10) -> str:
-        """Services, connection matrix, timeline and log tails, for humans."""
+    def describe(self, log_lines: int = 10, since: int = 0) -> str:
+        """Services, connection matrix, timeline (from event ``since``) and log tails."""
         parts = [f"enclave {self.id} ({self._backend.name} backend), gateway {self.gateway_ip}"]
         parts.append("services:")
         for s in self._services.values():
@@ -647,10 +647,11 @@ class Enclave:
         parts.append(f"  default: {self._state.default.describe()}")
         for pair, conn in self._state.overrides.items():
             parts.append(f"  {' <-> '.join(sorted(pair))}: {conn.describe()}")
-        for rule in self._state.rules:
-            parts.append(f"  rule: {rule.label or rule.rule_id}: {rule.config.describe()}")
-        parts.append("timeline:")
-        parts.append("  " + self.timeline.render().replace("\n", "\n  "))
+        # a partition or set_loss between services is several directed rules with one label
+        for label, config in dict.fromkeys((r.label, r.config) for r in self._state.rules):
+            parts.append(f"  rule: {label}: {config.describe()}")
+        parts.append("timeline:" + (f" (from event {since} on)" if since else ""))
+        parts.append("  " + self.timeline.render(since).replace("\n", "\n  "))
         if log_lines:
             for s in self._services.values():
                 parts.append(f"log of {s.name} (last {log_lines} lines):")

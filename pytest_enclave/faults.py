@@ -43,9 +43,9 @@ class Timeline:
     def __getitem__(self, index: int) -> Event:
         return self.events[index]
 
-    def render(self, last: int | None = None) -> str:
-        events = self.events if last is None else self.events[-last:]
-        return "\n".join(e.line(self.origin) for e in events) or "(no events)"
+    def render(self, since: int = 0) -> str:
+        """The events from index ``since`` on, one line each, times relative to ``origin``."""
+        return "\n".join(e.line(self.origin) for e in self.events[since:]) or "(no events)"
 
 
 class Fault:

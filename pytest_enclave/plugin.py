@@ -33,7 +33,6 @@ from .config import (
 )
 from .enclave import Checkpoint, Enclave
 from .errors import CapabilityError, ConfigError, EnclaveError
-from .faults import Timeline
 
 __all__ = [
     "ConnectionMark",
@@ -451,21 +450,16 @@ def _keep_note(enclave: Enclave, why: str) -> str:
             hint = f"(no hint: {exc})"
         lines.append(f"  {name:<24} {hint}")
     lines.append(f"  logs: {enclave.run_dir}")
-    lines.append(f"  remove it: {CLEAN_COMMAND}")
+    lines.append(f"  remove it: {CLEAN_COMMAND} {enclave.id}")
     return "\n".join(lines)
 
 
 def _describe(enclave: Enclave, log_lines: int, since: int = 0) -> str:
     """``enclave.describe()``, with the timeline from event ``since`` on (shared enclaves)."""
     try:
+        text = enclave.describe(log_lines, since=since)
         if not since:
-            return enclave.describe(log_lines)
-        full = enclave.timeline
-        enclave.timeline = Timeline(origin=full.origin, events=full.events[since:])
-        try:
-            text = enclave.describe(log_lines)
-        finally:
-            enclave.timeline = full
+            return text
         return f"{text}\n(shared enclave: timeline since this test began; {since} events before)"
     except Exception as exc:  # a report must never hide the test's own failure
         return f"(could not describe enclave {getattr(enclave, 'id', '?')}: {exc!r})"

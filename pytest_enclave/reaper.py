@@ -8,18 +8,22 @@ import shutil
 from contextlib import suppress
 
 from . import _linux
+from .errors import ConfigError
 
 __all__ = ["clean"]
 
 
-def clean(include_kept: bool = True) -> list[str]:
-    """Reap every slot whose lock is free; returns what was removed."""
+def clean(include_kept: bool = True, enclave_ids: list[str] | None = None) -> list[str]:
+    """Reap every slot whose lock is free (or only those of ``enclave_ids``, e.g. "pe12").
+
+    Returns what was removed. A slot held by a live enclave is never touched.
+    """
     from .backends.netns import reap_slot
 
     removed: list[str] = []
     if not os.path.isdir(_linux.STATE_DIR):
         return removed
-    for number in range(_linux.Slot.COUNT):
+    for number in _slots(enclave_ids):
         marker = os.path.join(_linux.STATE_DIR, f"slot-{number}.kept")
         kept = os.path.exists(marker)
         if kept and not include_kept:
@@ -45,6 +49,21 @@ def clean(include_kept: bool = True) -> list[str]:
         finally:
             os.close(fd)
     return removed
+
+
+def _slots(enclave_ids: list[str] | None) -> list[int]:
+    if enclave_ids is None:
+        return list(range(_linux.Slot.COUNT))
+    numbers = []
+    for enclave_id in enclave_ids:
+        digits = enclave_id[2:] if enclave_id.startswith("pe") else enclave_id
+        if not digits.isdigit() or not 0 <= int(digits) < _linux.Slot.COUNT:
+            raise ConfigError(
+                f"enclave id {enclave_id!r} is not allowed: give ids like pe12 "
+                f"(pe0 to pe{_linux.Slot.COUNT - 1}), as printed for kept enclaves"
+            )
+        numbers.append(int(digits))
+    return numbers
 
 
 def _reap_docker(number: int) -> list[str]:

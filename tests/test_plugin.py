@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -92,14 +91,11 @@ def _kept_marker(enclave_id: str) -> Path:
 
 
 def _remove_kept(enclave_id: str) -> None:
-    """What `python -m pytest_enclave clean` does for one kept enclave."""
-    from pytest_enclave.backends.netns import reap_slot
-
+    """The printed clean command, for one kept enclave (others' kept enclaves stay)."""
     marker = _kept_marker(enclave_id)
     run_dir = marker.read_text().strip()
-    reap_slot(int(enclave_id[2:]))
-    marker.unlink()
-    shutil.rmtree(run_dir, ignore_errors=True)
+    subprocess.run([sys.executable, "-m", "pytest_enclave", "clean", enclave_id], check=True)
+    assert not marker.exists() and not Path(run_dir).exists()
 
 
 @pytest.fixture(autouse=True)
@@ -772,7 +768,7 @@ def test_keep_failed_leaves_the_enclave_and_says_how_to_get_in(
                 f"enclave {failed} of test_function.py::test_fails was kept:",
                 f"  db * (or: ip netns exec {failed}-db sh)",
                 "  logs: /tmp/pytest-enclave-*",
-                "  remove it: python -m pytest_enclave clean",
+                f"  remove it: python -m pytest_enclave clean {failed}",
                 f"enclave {shared} of test_shared.py::test_shared_fails was kept:",
                 f"  cache * (or: ip netns exec {shared}-cache sh)",
             ]
@@ -909,7 +905,7 @@ def test_xdist_kept_enclave_hints_reach_the_controller(
                 f"enclave {kept[0]} of test_xdist_kept_enclave_hints_reach_the_controller.py"
                 "::test_maybe[[]True[]] was kept:",
                 f"  db * (or: ip netns exec {kept[0]}-db sh)",
-                "  remove it: python -m pytest_enclave clean",
+                f"  remove it: python -m pytest_enclave clean {kept[0]}",
             ]
         )
     finally:

@@ -101,7 +101,7 @@ class NftablesShaper:
                 raise CapabilityError(
                     f"{', '.join(fields)} ({config.describe()}) needs the sch_netem qdisc, which "
                     f"this kernel{f' ({self._kernel})' if self._kernel else ''} lacks; only "
-                    "packet_loss_percentage, BLOCKED and reject work here. Run `python -m "
+                    "packet_loss_percentage and BLOCKED work here. Run `python -m "
                     "pytest_enclave doctor` for how to get netem"
                 )
 
