@@ -171,3 +171,16 @@ def test_render_is_one_replacing_transaction() -> None:
     assert "198.18.0.2 : jump from_0" in script or "198.18.0.2 : jump from_1" in script
     empty = render("t", compile_policies(_state(a="main")), {"a": "198.18.0.2"})
     assert "vmap" not in empty and "policy accept" in empty
+
+
+def test_readme_plugin_example_is_the_one_examples_runs() -> None:
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    conftest, test = re.findall(
+        r"```python\n(# conftest.py\n.*?)```\n\n```python\n(# test_outage.py\n.*?)```", readme, re.S
+    )[0]
+    assert (root / "examples/readme/conftest.py").read_text().endswith(conftest)
+    assert (root / "examples/readme/test_outage.py").read_text() == test
