@@ -124,11 +124,17 @@ def wait_ready(
     default_timeout: float,
     sleep: Callable[[float], None] | None = None,
 ) -> None:
-    """Wait until every condition holds; raise ServiceError/ReadyTimeoutError with the log tail."""
+    """Wait until every condition holds; raise ServiceError/ReadyTimeoutError with the log tail.
+
+    Conditions are checked in order; those without a ``timeout`` of their own share
+    ``default_timeout`` (seconds) between them, from the start of the wait.
+    """
+    deadline = time.monotonic() + default_timeout
     for condition in conditions:
-        limit = (
-            default_timeout if condition.timeout is None else seconds(condition.timeout, "timeout")
-        )
+        if condition.timeout is None:
+            limit, budget = max(0.0, deadline - time.monotonic()), default_timeout
+        else:
+            limit = budget = seconds(condition.timeout, "timeout")
 
         def attempt(condition: ReadyCondition = condition) -> bool:
             status = probe.exited()
@@ -148,6 +154,6 @@ def wait_ready(
         )
         if not retrying(attempt):
             raise ReadyTimeoutError(
-                f"service {probe.name!r} did not get ready within {limit:g}s: waited for "
+                f"service {probe.name!r} did not get ready within {budget:g}s: waited for "
                 f"{condition.describe()}; last lines of its log:\n{log_tail(probe.log_text())}"
             )
