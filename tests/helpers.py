@@ -44,13 +44,27 @@ def foreign(state: dict[str, object]) -> dict[str, object]:
     """A host state without any enclave's resources (other xdist workers make some too)."""
     import re
 
-    mine = re.compile(r"pe\d+(h|-.*)$")
+    mine = re.compile(r"pe\d+(h|d|-.*)$")
     return {
-        "nft": state["nft"],
+        "nft": [x for x in state["nft"]["nftables"] if not _docker_or_enclave(x)],  # type: ignore[index]
         "routes": [r for r in state["routes"] if not mine.match(r.get("dev", ""))],  # type: ignore[union-attr]
         "links": [x for x in state["links"] if not mine.match(x)],  # type: ignore[union-attr]
         "netns": [x for x in state["netns"] if not mine.match(x)],  # type: ignore[union-attr]
     }
+
+
+def _docker_or_enclave(entry: dict[str, dict[str, object]]) -> bool:
+    """nft entries that Docker rewrites as networks come and go (iptables-nft's ip filter and
+    nat tables), or that belong to some enclave of the docker backend."""
+    import re
+
+    kind, body = next(iter(entry.items()))
+    if kind == "metainfo":
+        return False
+    table = str(body["name"] if kind == "table" else body.get("table", ""))
+    if body.get("family") in ("ip", "ip6") and table in ("filter", "nat"):
+        return True
+    return re.match(r"pytest_enclave_pe\d+", table) is not None
 
 
 def ours(state: dict[str, object]) -> dict[str, list[str]]:
