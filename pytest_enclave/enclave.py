@@ -24,10 +24,8 @@ from typing import Literal
 from . import _linux
 from .backends import Backend, ExecResult, ServiceSpec, get_backend
 from .config import (
-    ALLOWED,
     ConnectionConfig,
     Duration,
-    PacketDelayDistribution,
     ServiceConfig,
     UpdateServiceConfig,
     check_name,
@@ -36,7 +34,8 @@ from .config import (
 )
 from .errors import ConfigError, EnclaveClosedError, ServiceError, UnknownNameError
 from .faults import Fault, Timeline
-from .matrix import DirectedRule, MatrixState, PolicyTable, compile_policies, partition_rules
+from .matrix import MatrixState, PolicyTable, compile_policies
+from .partitions import FaultHelpers
 from .ready import ReadyCondition, TcpPort, log_tail, wait_ready
 from .shapers import Shaper
 
@@ -103,7 +102,7 @@ class _Probe:
         return self.enclave._backend.exited(self.name)
 
 
-class Enclave:
+class Enclave(FaultHelpers):
     """An isolated network of services, in subnetworks, with connections between them.
 
     Use it as a context manager (or call ``close()``): closing removes every namespace, link,
@@ -472,116 +471,6 @@ class Enclave:
 
     def _override_names(self) -> str:
         return ", ".join(" <-> ".join(sorted(p)) for p in self._state.overrides)
-
-    # -- helpers (Jepsen-style) -----------------------------------------------------------
-
-    def partition(self, *groups: str | Iterable[str]) -> Fault:
-        """Cut the groups (service or subnetwork names) from each other, both ways.
-
-        Services not named form one more group. ``partition(["a", "b"], ["c"])``,
-        ``partition("secondary")``. Returns a Fault that heals just this partition.
-        """
-        resolved = [self._resolve(g) for g in groups]
-        if not resolved:
-            raise ConfigError("partition() needs at least one group of services or subnetworks")
-        seen: set[str] = set()
-        for group in resolved:
-            if group & seen:
-                raise ConfigError(
-                    f"service(s) {sorted(group & seen)} are in two partition "
-                    "groups; each service may be in one group only"
-                )
-            seen |= group
-        rest = set(self._services) - seen
-        if rest:
-            resolved.append(frozenset(rest))
-        label = " | ".join(",".join(sorted(g)) for g in resolved)
-        return self._add_rules(partition_rules(resolved, self._rule_ids, label), "partition", label)
-
-    def isolate(self, service: str) -> Fault:
-        """Cut one service (or subnetwork) from every other service, both ways."""
-        return self.partition([service])
-
-    def block(self, source: str | Iterable[str], destination: str | Iterable[str]) -> Fault:
-        """Drop packets from ``source`` to ``destination`` only (one direction)."""
-        src, dst = self._resolve(source), self._resolve(destination)
-        label = f"{','.join(sorted(src))} -> {','.join(sorted(dst))}"
-        return self._add_rules(
-            (DirectedRule(next(self._rule_ids), src, dst, label),), "block", label
-        )
-
-    def set_loss(self, a: str, b: str, percentage: float) -> Fault:
-        """Lose ``percentage`` % of packets each way between two subnetworks (or services)."""
-        return self._shape(a, b, ConnectionConfig(packet_loss_percentage=percentage))
-
-    def set_delay(
-        self, a: str, b: str, ms: float, jitter_ms: float = 0.0, distribution: str | None = None
-    ) -> Fault:
-        """Delay packets by ``ms`` each way (round trip: twice that); needs netem."""
-        delay = PacketDelayDistribution(mean_ms=ms, jitter_ms=jitter_ms, distribution=distribution)  # type: ignore[arg-type]
-        return self._shape(a, b, ConnectionConfig(packet_delay_distribution=delay))
-
-    def _shape(self, a: str, b: str, config: ConnectionConfig) -> Fault:
-        if a in self.subnetworks and b in self.subnetworks and a not in self._services:
-            return self.set_connection((a, b), config)
-        src, dst = self._resolve(a), self._resolve(b)
-        label = f"{','.join(sorted(src))} <-> {','.join(sorted(dst))}: {config.describe()}"
-        rules = partition_rules([src, dst], self._rule_ids, label, config)
-        return self._add_rules(rules, "shape", label)
-
-    def heal(self) -> Fault:
-        """Make the network whole (Jepsen's heal): no rules, no overrides, default ALLOWED.
-
-        Services stay in their subnetworks. The returned Fault puts the faults back.
-        """
-        self._check_open()
-        before = self._state
-        self._apply(replace(before, default=ALLOWED, overrides={}, rules=()))
-        self.timeline.record("heal", "all rules and overrides removed, default allowed")
-
-        def unheal() -> None:
-            self._apply(
-                replace(
-                    self._state,
-                    default=before.default,
-                    overrides=before.overrides,
-                    rules=before.rules,
-                )
-            )
-            self.timeline.record("unheal", "faults from before heal() restored")
-
-        return Fault("heal", unheal)
-
-    def _resolve(self, names: str | Iterable[str]) -> frozenset[str]:
-        items = [names] if isinstance(names, str) else list(names)
-        found: set[str] = set()
-        for item in items:
-            if item in self._services:
-                found.add(item)
-            elif item in self._state.subnetworks.values():
-                found |= {s for s, n in self._state.subnetworks.items() if n == item}
-            else:
-                raise self._unknown(
-                    "service or subnetwork", item, [*self._services, *self.subnetworks]
-                )
-        if not found:
-            raise ConfigError(f"{names!r} names no service")
-        return frozenset(found)
-
-    def _add_rules(self, rules: tuple[DirectedRule, ...], kind: str, label: str) -> Fault:
-        self._check_open()
-        self._apply(replace(self._state, rules=self._state.rules + rules))
-        self.timeline.record(kind, label)
-        ids = {r.rule_id for r in rules}
-
-        def undo() -> None:
-            if self._closed or not any(r.rule_id in ids for r in self._state.rules):
-                return
-            kept = tuple(r for r in self._state.rules if r.rule_id not in ids)
-            self._apply(replace(self._state, rules=kept))
-            self.timeline.record("undo " + kind, label)
-
-        return Fault(f"{kind} {label}", undo)
 
     # -- state ----------------------------------------------------------------------------
 
