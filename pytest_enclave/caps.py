@@ -90,23 +90,58 @@ def _nftables() -> Capability:
     return Capability("nftables", True, "libnftables in-process: block, loss, reject")
 
 
+def _module_missing(module: str, option: str) -> str:
+    """Why ``module`` is unusable: built as a module that did not load, or not built at all."""
+    release = os.uname().release
+    tree = f"/lib/modules/{release}"
+    for listing in ("modules.dep", "modules.builtin"):
+        with suppress(OSError), open(os.path.join(tree, listing)) as f:
+            names = {os.path.basename(line.split(":", 1)[0]).split(".ko")[0] for line in f}
+            if module in names or module.replace("_", "-") in names:
+                return (
+                    f"{module} is a module of kernel {release} but it did not load "
+                    f"(`modprobe {module}` as root; in a container: on the host)"
+                )
+    return f"kernel {release} has no {module} (not built in: {option}; no module in {tree})"
+
+
 @functools.cache
 def has_netem() -> str | None:
-    """None if a netem qdisc can be created here, else the reason it cannot."""
+    """None if the netem shaper works here (HTB classes with netem under them), else why not.
+
+    Probed once per process, in a scratch namespace: creating the qdiscs also loads their
+    modules when the kernel can (so "present but not loaded" counts as present).
+    """
     from pyroute2 import IPRoute
 
-    def attempt(path: str) -> None:
+    def attempt(path: str) -> str | None:
         with IPRoute(fileno=_linux.netlink_socket_in(path)) as ipr:
-            ipr.link("add", ifname="d0", kind="dummy")
-            idx = ipr.link_lookup(ifname="d0")[0]
-            ipr.link("set", index=idx, state="up")
-            ipr.tc("add", "netem", index=idx, handle="1:", delay=1000)
+            # a veth, not a dummy: the netns backend needs veth anyway, dummy may be missing
+            ipr.link("add", ifname="v0", kind="veth", peer={"ifname": "v1"})
+            idx = ipr.link_lookup(ifname="v0")[0]
+            steps: list[tuple[str, str, dict[str, object]]] = [
+                ("add", "htb", {"handle": "1:", "default": 0}),
+                (
+                    "add-class",
+                    "htb",
+                    {"handle": "1:10", "parent": "1:", "rate": "1gbit", "quantum": 60000},
+                ),
+                ("add", "netem", {"handle": "10:", "parent": "1:10", "delay": 1000}),
+            ]
+            for command, kind, args in steps:
+                try:
+                    ipr.tc(command, kind, index=idx, **args)
+                except Exception as exc:
+                    why = _module_missing(f"sch_{kind}", f"CONFIG_NET_SCH_{kind.upper()}")
+                    return (
+                        f"{why}; creating a {kind} qdisc said: {exc.args[-1] if exc.args else exc}"
+                    )
+        return None
 
     try:
-        _in_scratch_netns(attempt)
+        return _in_scratch_netns(attempt)
     except Exception as exc:
-        return f"no sch_netem qdisc in kernel {os.uname().release} ({exc})"
-    return None
+        return f"cannot probe for sch_netem in kernel {os.uname().release} ({exc})"
 
 
 def _netem() -> Capability:

@@ -44,7 +44,9 @@ def foreign(state: dict[str, object]) -> dict[str, object]:
     """A host state without any enclave's resources (other xdist workers make some too)."""
     import re
 
-    mine = re.compile(r"pe\d+(h|d|-.*)$")
+    # pe<N>h/pe<N>d: enclaves' host links and Docker bridges; veth + 7 hex: Docker's own
+    # host ends of containers' links (the docker backend's tests may run in other workers)
+    mine = re.compile(r"pe\d+(h|d|-.*)$|veth[0-9a-f]{7}$")
     return {
         "nft": [x for x in state["nft"]["nftables"] if not _docker_or_enclave(x)],  # type: ignore[index]
         "routes": [r for r in state["routes"] if not mine.match(r.get("dev", ""))],  # type: ignore[union-attr]

@@ -28,7 +28,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import _linux
 from .._linux import Slot
+from ..caps import has_netem
 from ..errors import BackendError, ServiceError
+from ..shapers.netem import NetemShaper
 from ..shapers.nftables import NftablesShaper
 from . import ExecResult, ServiceSpec
 
@@ -75,6 +77,7 @@ class NetnsBackend:
         self._slot: Slot | None = None
         self._hub: IPRoute | None = None
         self._next_port = 1
+        self._netem: NetemShaper | None = None
         self.gateway_ip = ""
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -115,9 +118,23 @@ class NetnsBackend:
             os.close(fd)
         hub.link("set", index=hub.link_lookup(ifname="up0")[0], master=br, state="up")
         hub.link("set", index=br, state="up")
+        # netem (when this kernel has it) shapes on the bridge ports, marked by the nft table
+        missing, release = has_netem(), os.uname().release
+        if missing is None:
+            self._netem = NetemShaper(hub_path, self._port_of, release, drop_on_close=False)
         return NftablesShaper(
-            hub_path, "pytest_enclave", kernel=os.uname().release, drop_on_close=False
+            hub_path,
+            "pytest_enclave",
+            kernel=release,
+            drop_on_close=False,
+            netem=self._netem,
+            netem_missing=missing or "",
         )
+
+    def _port_of(self, name: str) -> str | None:
+        """The hub-side interface through which frames leave the bridge towards ``name``."""
+        svc = self._services.get(name)
+        return svc.port if svc is not None else None
 
     def close(self, keep: bool = False) -> None:
         if keep:
@@ -199,6 +216,8 @@ class NetnsBackend:
             )
         finally:
             os.close(fd)
+        if self._netem is not None:  # shaped before its eth0 is up: no frame passes unshaped
+            self._netem.attach(spec.name)
         with IPRoute(fileno=_linux.netlink_socket_in(path)) as ns:
             ns.link("set", index=1, state="up")
             ns.addr("add", index=2, address=spec.ip, prefixlen=24)
@@ -214,6 +233,8 @@ class NetnsBackend:
         if self._hub is not None:
             with suppress(NetlinkError, IndexError):
                 self._hub.link("del", index=self._hub.link_lookup(ifname=svc.port)[0])
+        if self._netem is not None:
+            self._netem.detach(name)
         _linux.delete_netns(svc.netns)
 
     def exited(self, name: str) -> int | None:

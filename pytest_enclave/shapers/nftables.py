@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from contextlib import suppress
+from typing import TYPE_CHECKING
 
 from .._linux import NamespaceWorker
 from ..config import ConnectionConfig
@@ -19,12 +20,17 @@ from ..errors import BackendError, CapabilityError
 from ..matrix import PolicyTable
 from ._libnft import Nft
 
+if TYPE_CHECKING:
+    from .netem import NetemShaper, Steer
+
 __all__ = ["NftablesShaper", "render"]
 
 _LOSS_SCALE = 10000  # loss resolution: 0.01 %
 
 
-def _verdict(config: ConnectionConfig, chains: dict[str, str]) -> str:
+def _verdict(config: ConnectionConfig, chains: dict[str, str], netem: bool) -> str:
+    if netem and config.needs_netem:
+        return ""  # netem does this pair's loss too (once): the frame is marked for it instead
     if config.is_blocked:
         if config.reject:
             chains["reject_all"] = "meta l4proto tcp reject with tcp reset\n    reject"
@@ -38,14 +44,24 @@ def _verdict(config: ConnectionConfig, chains: dict[str, str]) -> str:
     return f"jump {name}"
 
 
-def render(table_name: str, table: PolicyTable, addresses: Mapping[str, str]) -> str:
-    """The nft script that replaces table ``table_name`` by the policies of ``table``."""
+def render(
+    table_name: str,
+    table: PolicyTable,
+    addresses: Mapping[str, str],
+    steer: Mapping[tuple[str, str], Steer] | None = None,
+) -> str:
+    """The nft script that replaces table ``table_name`` by the policies of ``table``.
+
+    ``steer`` (from a netem shaper) maps each directed pair whose connection needs netem to
+    the skb priority (its HTB class) or mark its frames get, and nft leaves the pair's loss
+    to netem.
+    """
     chains: dict[str, str] = {}
     src_map: list[str] = []
     for i, cls in enumerate(table.classes):
         entries = []
         for dst, config in cls.towards.items():
-            verdict = _verdict(config, chains)
+            verdict = _verdict(config, chains, steer is not None)
             if verdict:
                 entries.append(f"{addresses[dst]} : {verdict}")
         if not entries:
@@ -54,6 +70,14 @@ def render(table_name: str, table: PolicyTable, addresses: Mapping[str, str]) ->
         src_map.extend(f"{addresses[s]} : jump from_{i}" for s in cls.sources)
     body = [f"  chain {name} {{\n    {rule}\n  }}" for name, rule in chains.items()]
     forward = "    type filter hook forward priority 0; policy accept;"
+    for key, show in (("priority", lambda v: f"{v >> 16:x}:{v & 0xFFFF:x}"), ("mark", hex)):
+        pairs = [
+            f"{addresses[s]} . {addresses[d]} : {show(getattr(how, key))}"
+            for (s, d), how in (steer or {}).items()
+            if getattr(how, key)
+        ]
+        if pairs:
+            forward += f"\n    meta {key} set ip saddr . ip daddr map {{ {', '.join(pairs)} }}"
     if src_map:
         forward += f"\n    ip saddr vmap {{ {', '.join(src_map)} }}"
     body.append(f"  chain forward {{\n{forward}\n  }}")
@@ -66,12 +90,19 @@ def render(table_name: str, table: PolicyTable, addresses: Mapping[str, str]) ->
 class NftablesShaper:
     """Applies policy tables with nftables in the namespace at ``netns_path`` (None: ours).
 
-    ``netem`` is an optional second shaper for the fields nftables cannot do; without one,
-    such fields raise CapabilityError.
+    ``netem`` is an optional companion for the fields nftables cannot do (see
+    :mod:`.netem`); without one, such fields raise CapabilityError, which names them, the
+    kernel and ``netem_missing`` (why there is no netem here).
     """
 
     def __init__(
-        self, netns_path: str | None, table_name: str, kernel: str = "", drop_on_close: bool = True
+        self,
+        netns_path: str | None,
+        table_name: str,
+        kernel: str = "",
+        drop_on_close: bool = True,
+        netem: NetemShaper | None = None,
+        netem_missing: str = "",
     ) -> None:
         self.table_name = table_name
         # False when the namespace is the enclave's own: deleting it removes the table
@@ -81,7 +112,9 @@ class NftablesShaper:
         self._worker = NamespaceWorker(netns_path)
         self._nft: Nft | None = None
         self._applied = False
-        self.netem_fields_ok = False  # set by a netem-capable composite
+        self.netem = netem
+        self.netem_fields_ok = netem is not None  # also settable by a netem-capable composite
+        self._netem_missing = netem_missing
         self._reject: bool | None = None
 
     def check(self, table: PolicyTable) -> None:
@@ -93,16 +126,22 @@ class NftablesShaper:
                 f"nft_reject_bridge), which this kernel{where} lacks: use BLOCKED (a silent "
                 "drop) instead, or a kernel with CONFIG_NFT_BRIDGE_REJECT"
             )
+        if self.netem is not None:
+            self.netem.check(table)
         if self.netem_fields_ok:
             return
         for config in configs:
             fields = config.needs_netem
             if fields:
+                where = f" ({self._kernel})" if self._kernel else ""
+                why = f": {self._netem_missing}" if self._netem_missing else ""
                 raise CapabilityError(
                     f"{', '.join(fields)} ({config.describe()}) needs the sch_netem qdisc, which "
-                    f"this kernel{f' ({self._kernel})' if self._kernel else ''} lacks; only "
-                    "packet_loss_percentage and BLOCKED work here. Run `python -m "
-                    "pytest_enclave doctor` for how to get netem"
+                    f"this kernel{where} lacks{why}. Only "
+                    "packet_loss_percentage and BLOCKED work here. Fix: a kernel with "
+                    "CONFIG_NET_SCH_NETEM (or `modprobe sch_netem`), or run these tests in "
+                    "user-mode-linux (`python -m pytest_enclave.uml -- pytest ...`); "
+                    "`python -m pytest_enclave doctor` says what this machine has"
                 )
 
     def _reject_ok(self) -> bool:
@@ -115,8 +154,22 @@ class NftablesShaper:
         return self._reject
 
     def apply(self, table: PolicyTable, addresses: Mapping[str, str]) -> None:
-        script = render(self.table_name, table, addresses)
-        self._worker.call(lambda: self._ctx().run(script))
+        """Replace what is in force by ``table``: netem classes first, then one nft transaction.
+
+        With netem, the changed pairs' classes are built beside the old ones, the transaction
+        switches every pair to its class at once, then the old classes are retired.
+        """
+        netem = self.netem
+        steer = netem.stage(table) if netem is not None else None
+        script = render(self.table_name, table, addresses, steer)
+        try:
+            self._worker.call(lambda: self._ctx().run(script))
+        except BaseException:
+            if netem is not None:
+                netem.abort()
+            raise
+        if netem is not None:
+            netem.commit()
         self._applied = True
 
     def dump(self) -> object:
@@ -140,5 +193,9 @@ class NftablesShaper:
                 self._nft.close()
                 self._nft = None
 
-        self._worker.call(drop)
-        self._worker.close()
+        try:
+            self._worker.call(drop)
+            self._worker.close()
+        finally:
+            if self.netem is not None:
+                self.netem.close()
