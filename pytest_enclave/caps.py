@@ -65,20 +65,21 @@ def _namespaces() -> Capability:
 def _nftables() -> Capability:
     from .shapers._libnft import Nft
 
-    def attempt(path: str) -> None:
+    reject_rule = "meta l4proto tcp reject with tcp reset"
+
+    def attempt(path: str) -> bool:
         worker = _linux.NamespaceWorker(path)
+        chain = (
+            "table bridge t {{\n chain f {{\n type filter hook forward priority 0;\n{}\n }}\n}}\n"
+        )
         try:
-            worker.call(
-                lambda: Nft().run(
-                    "table bridge t {\n chain f {\n type filter hook forward priority 0;\n"
-                    "numgen random mod 100 < 50 drop\n }\n}\n"
-                )
-            )
+            worker.call(lambda: Nft().run(chain.format("numgen random mod 100 < 50 drop")))
+            return worker.call(lambda: Nft().accepts(chain.format(reject_rule)))
         finally:
             worker.close()
 
     try:
-        _in_scratch_netns(attempt)
+        reject = _in_scratch_netns(attempt)
     except Exception as exc:
         return Capability(
             "nftables",
@@ -87,7 +88,15 @@ def _nftables() -> Capability:
             "apt-get install libnftables1; kernel needs nf_tables, "
             "nft_numgen and nf_tables bridge support",
         )
-    return Capability("nftables", True, "libnftables in-process: block, loss, reject")
+    if reject:
+        return Capability("nftables", True, "libnftables in-process: block, loss, reject")
+    return Capability(
+        "nftables",
+        True,
+        "libnftables in-process: block, loss; no bridge reject in this kernel "
+        "(reject=True raises CapabilityError: use BLOCKED, or a kernel with "
+        "CONFIG_NFT_BRIDGE_REJECT)",
+    )
 
 
 def _module_missing(module: str, option: str) -> str:
