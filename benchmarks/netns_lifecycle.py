@@ -5,7 +5,9 @@ runs and ratios, all measured in this one process (machines are noisy: compare r
 
 (a) the seed topology: create an enclave, 6 services (a `sleep` process each, in its own
     namespace on the bridge), wait until they run, apply one partition, destroy; against a
-    shell script of `ip` commands building the same namespaces, links, processes and nft rule.
+    shell script of `ip` commands building the same namespaces, links (the host link too),
+    processes and nft rule. The script does less at the end: it does not wait for the killed
+    processes, and leaves the namespaces' links to the kernel's asynchronous cleanup.
 (b) time for one connection change to return, at 6, 50 and 200 services (half of them in a
     second subnetwork, alternating BLOCKED and 30 % loss); against `nft -f` of the same
     ruleset run as a command in the enclave's namespace.
@@ -50,6 +52,10 @@ P=pebench
 ip netns add $P-hub
 ip -n $P-hub link add br0 type bridge
 ip -n $P-hub link set br0 up
+ip link add ${P}h type veth peer name up0 netns $P-hub
+ip addr add 198.19.254.1/24 dev ${P}h
+ip link set ${P}h up
+ip -n $P-hub link set up0 master br0 up
 i=0
 for name in {names}; do
   i=$((i+1))
@@ -74,6 +80,7 @@ for name in {names}; do
   ip netns pids $P-$name | xargs -r kill -9
   ip netns del $P-$name
 done
+ip link del ${P}h
 ip netns del $P-hub
 """
 
