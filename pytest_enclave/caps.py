@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from . import _linux
 
-__all__ = ["Capability", "capabilities", "has_netem", "report"]
+__all__ = ["REQUIRABLE", "Capability", "capabilities", "has_netem", "missing", "report"]
 
 T = TypeVar("T")
 
@@ -201,6 +201,25 @@ def _uml() -> Capability:
     if reason:
         return Capability("uml", False, reason, "apt-get install user-mode-linux")
     return Capability("uml", True, "user-mode-linux can run the netem tests")
+
+
+REQUIRABLE = ("netem", "docker", "reject", "uml")
+
+
+@functools.cache
+def missing(capability: str) -> str | None:
+    """None if ``capability`` (one of REQUIRABLE) is usable here, else why not and the fix."""
+    probe = {"netem": _netem, "docker": _docker, "uml": _uml, "reject": _nftables}.get(capability)
+    if probe is None:
+        raise ValueError(
+            f"capability {capability!r} is not known: use one of {', '.join(REQUIRABLE)}"
+        )
+    found = probe()
+    if capability == "reject" and "no bridge reject" in found.detail:
+        return found.detail
+    if found.ok:
+        return None
+    return f"{found.detail} (fix: {found.fix})" if found.fix else found.detail
 
 
 def capabilities() -> list[Capability]:

@@ -124,6 +124,9 @@ _MARKERS = (
     "enclave_skip_unsupported: skip the test, with the reason, when the enclave raises "
     "CapabilityError (e.g. delay on a kernel without netem) in setup or in the test. "
     "Example: @pytest.mark.enclave_skip_unsupported",
+    "enclave_requires(*capabilities): skip the test, with the reason and the fix, unless this "
+    "machine has them all: netem, docker, reject, uml (probed once per run, before any "
+    'enclave is built). Example: @pytest.mark.enclave_requires("netem")',
 )
 
 
@@ -428,6 +431,21 @@ def pytest_fixture_setup(
             shared.owners += 1
         fixturedef.addfinalizer(lambda: shared.release(state))
     return result
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """``enclave_requires``: skip before any fixture runs when a capability is missing."""
+    from .caps import missing
+
+    for mark in item.iter_markers("enclave_requires"):
+        for capability in mark.args:
+            try:
+                reason = missing(str(capability))
+            except ValueError as exc:
+                raise _failure(f"@pytest.mark.enclave_requires({capability!r}): {exc}") from None
+            if reason is not None:
+                raise _skip(f"needs {capability}: {reason}")
 
 
 @pytest.hookimpl(wrapper=True)

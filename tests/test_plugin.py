@@ -964,3 +964,34 @@ def test_ctrl_c_still_removes_every_enclave(pytester: pytest.Pytester, no_leaks:
     assert (pytester.path / "enclave-ids.txt.open").read_text() == "[]"
     assert len(_ids(no_leaks)) == 2
     assert _leftovers(_ids(no_leaks)) == []
+
+
+def test_enclave_requires_skips_with_the_reason_before_building(pytester: pytest.Pytester) -> None:
+    from pytest_enclave.caps import missing
+
+    pytester.makepyfile(
+        test_requires="""
+        import pytest
+
+        @pytest.mark.enclave_requires("netem")
+        def test_needs_netem(enclave):
+            pass
+
+        @pytest.mark.enclave_requires("teleport")
+        def test_unknown():
+            pass
+        """
+    )
+    result = run(pytester)
+    netem = missing("netem")
+    if netem is None:  # a kernel with netem: the test runs
+        result.assert_outcomes(passed=1, errors=1)
+    else:
+        result.assert_outcomes(skipped=1, errors=1)
+        result.stdout.fnmatch_lines(
+            ["SKIPPED [[]1[]] test_requires.py:*: needs netem: *sch_netem*"]
+        )
+    result.stdout.fnmatch_lines(
+        ["*enclave_requires('teleport'): capability 'teleport' is not known: use one of netem, *"]
+    )
+    assert "Traceback" not in result.stdout.str()

@@ -24,15 +24,14 @@ import pytest
 import seqprobe
 
 from pytest_enclave import Enclave, PortSpec, ServiceConfig
-from pytest_enclave.caps import has_netem
 from pytest_enclave.probe import PORT, ProbeClient
 
-NETEM_MISSING = has_netem() if os.geteuid() == 0 else "the netem tests need root"
-UML_COMMAND = "python -m pytest_enclave.uml --overlay . -- python -m pytest tests/netem"
-needs_netem = pytest.mark.skipif(
-    NETEM_MISSING is not None,
-    reason=f"{NETEM_MISSING}; run these tests in user-mode-linux: {UML_COMMAND}",
-)
+# The plugin's own marker: skipped, with the reason and the fix, where netem is missing (on
+# such a host, run them in user-mode-linux: tox -e netem).
+needs_netem = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="the netem tests need root"),
+    pytest.mark.enclave_requires("netem"),
+]
 
 
 def log(text: str) -> None:
