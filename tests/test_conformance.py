@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, binomial_bounds, sh, tcp_client_script
+from helpers import ROOT, binomial_bounds, foreign, host_state, sh, tcp_client_script
 
 from pytest_enclave import (
     BLOCKED,
@@ -77,10 +77,19 @@ def docker_missing() -> str | None:
     return None
 
 
+def skip_or_fail_without_docker() -> None:
+    """Skip the docker variants where no engine is; in CI (CI=true) that is a failure."""
+    reason = docker_missing()
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run the docker variants: {reason}", pytrace=False)
+    if reason:
+        pytest.skip(reason)
+
+
 @pytest.fixture(params=["netns", "docker"])
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "docker" and docker_missing():
-        pytest.skip(str(docker_missing()))
+    if request.param == "docker":
+        skip_or_fail_without_docker()
     return str(request.param)
 
 
@@ -167,20 +176,10 @@ def nft_tables() -> set[str]:
     return {f"{t['table']['family']} {t['table']['name']}" for t in tables if "table" in t}
 
 
-_MINE = re.compile(r"pe\d+(h|d|-.*)$|veth[0-9a-f]{7}$")  # any enclave's, any docker veth
-
-
 def foreign_state() -> dict[str, object]:
-    """The host's tables, links, routes and namespaces, without any enclave's (other xdist
-    workers make and remove theirs meanwhile) and without Docker's own container links."""
-    links = [x["ifname"] for x in json.loads(sh("ip -j link"))]
-    routes = json.loads(sh("ip -j route"))
-    return {
-        "tables": {t for t in nft_tables() if not re.search(r"pytest_enclave_pe\d+", t)},
-        "links": [x for x in links if not _MINE.match(x)],
-        "routes": [r for r in routes if not _MINE.match(r.get("dev", ""))],
-        "netns": [x for x in netns_names() if not _MINE.match(x)],
-    }
+    """The host's nft ruleset, links, routes and namespaces, without any enclave's (other
+    xdist workers make and remove theirs meanwhile) and without what Docker rewrites."""
+    return foreign(host_state())
 
 
 def until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
@@ -451,8 +450,7 @@ def test_a_killed_run_is_reaped_by_the_next_owner_of_its_slot(backend: str) -> N
 
 @pytest.fixture
 def docker_here() -> None:
-    if docker_missing():
-        pytest.skip(str(docker_missing()))
+    skip_or_fail_without_docker()
 
 
 @pytest.mark.usefixtures("docker_here")

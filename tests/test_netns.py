@@ -1,26 +1,27 @@
-"""The netns backend and the nftables shaper with real namespaces and real packets."""
+"""The netns backend and the nftables shaper with real namespaces and real packets.
+
+What every backend must do is in test_conformance.py (run on netns and docker); here is what
+is particular to the library's netns path: the 90 % scenario over 2,000 datagrams, matrix
+semantics, placeholders, errors, and cleanup on Ctrl-C.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 from helpers import (
     ROOT,
     add_probes,
     binomial_bounds,
-    foreign,
     host_state,
     ours,
     sh,
-    tcp_client_script,
 )
 
 from pytest_enclave import (
@@ -97,25 +98,6 @@ def test_default_connection_applies_to_pairs_without_override(trio: Enclave) -> 
     assert loss_matrix(trio, ["n1", "n2"], 300)[("n1", "n2")] == 1.0
 
 
-def test_update_service_keeps_address_and_process(trio: Enclave) -> None:
-    before = sh(f"ip netns pids {trio.id}-n2").split()
-    ip = trio.get_service("n2").ip
-    trio.update_service("n2", UpdateServiceConfig(subnetwork="secondary"))
-    after = sh(f"ip netns pids {trio.id}-n2").split()
-    assert trio.get_service("n2").ip == ip and trio.get_service("n2").subnetwork == "secondary"
-    assert before == after and len(before) == 1  # the same service process
-    addr = json.loads(sh(f"ip -n {trio.id}-n2 -j addr show dev eth0"))
-    assert addr[0]["addr_info"][0]["local"] == ip
-
-
-def test_asymmetric_block_cuts_one_direction_only(trio: Enclave) -> None:
-    with trio.block("n1", "n3"):
-        loss = loss_matrix(trio, ["n1", "n3"], 500)
-        assert loss[("n1", "n3")] == 1.0 and loss[("n3", "n1")] == 0.0
-    loss = loss_matrix(trio, ["n1", "n3"], 500)
-    assert loss[("n1", "n3")] == 0.0
-
-
 def test_partition_groups_and_the_unlisted_rest(trio: Enclave) -> None:
     with trio.partition(["n1"], ["n2"]):  # n3 is the third group
         loss = loss_matrix(trio, ["n1", "n2", "n3"], 300)
@@ -124,25 +106,6 @@ def test_partition_groups_and_the_unlisted_rest(trio: Enclave) -> None:
         loss = loss_matrix(trio, ["n1", "n2", "n3"], 300)
         assert loss[("n1", "n3")] == 0.0 and loss[("n2", "n1")] == loss[("n3", "n2")] == 1.0
     assert all(v == 0.0 for v in loss_matrix(trio, ["n1", "n2", "n3"], 300).values())
-
-
-def test_established_tcp_connection_stops_after_partition(enclave: Enclave) -> None:
-    add_probes(enclave, "server")
-    go = os.path.join(enclave.run_dir, "go")
-    enclave.add_service(
-        "client",
-        ServiceConfig(
-            cmd=tcp_client_script("server", probe.PORT, go),
-            ready_conditions=[LogLine("^connected")],
-        ),
-    )
-    enclave.partition(["client"])
-    open(go, "w").close()
-    deadline = time.monotonic() + 10
-    while "timeout" not in enclave.logs("client") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert "timeout" in enclave.logs("client"), enclave.logs("client")
-    assert "got" not in enclave.logs("client")
 
 
 def _bridge_reject_supported() -> bool:
@@ -180,13 +143,11 @@ def test_reject_fails_fast_with_reset_or_says_the_kernel_cannot(trio: Enclave) -
     assert "ConnectionRefusedError" in result.stderr, result.stderr
 
 
-def test_names_resolve_in_every_service_also_when_added_later(trio: Enclave) -> None:
-    out = trio.exec("n1", ["getent", "hosts", "n3"]).stdout.split()
-    assert out[0] == trio.get_service("n3").ip
+def test_the_hosts_file_and_hostname_stay_inside_the_services(trio: Enclave) -> None:
     add_probes(trio, "late")
-    out = trio.exec("n1", ["getent", "hosts", "late"]).stdout.split()
-    assert out == [trio.get_service("late").ip, "late"]
+    assert trio.exec("n1", ["getent", "hosts", "late"]).stdout.split()[1] == "late"
     assert trio.exec("late", ["hostname"]).stdout.strip() == "late"
+    assert socket.gethostname() != "late"
     # the bind mount stays private: the host's /etc/hosts does not name our services
     with open("/etc/hosts") as f:
         assert "late" not in f.read()
@@ -217,53 +178,6 @@ def test_the_test_process_reaches_services_directly_unshaped(trio: Enclave) -> N
     trio.isolate("n1")
     with probe.ProbeClient(trio.get_service("n1").ip) as client:
         assert client.counts() == {}
-
-
-def test_two_enclaves_with_the_same_names_never_collide() -> None:
-    with Enclave() as one, Enclave() as two:
-        add_probes(one, "db", "app")
-        add_probes(two, "db", "app")
-        assert one.id != two.id and one.get_service("db").ip != two.get_service("db").ip
-        one.isolate("db")
-        assert loss_matrix(two, ["db", "app"], 200)[("app", "db")] == 0.0
-        assert loss_matrix(one, ["db", "app"], 200)[("app", "db")] == 1.0
-        other = two.get_service("app").ip
-        code = f"import socket; socket.create_connection(({other!r}, {probe.PORT}), timeout=1)"
-        assert one.exec("app", [sys.executable, "-c", code]).returncode != 0  # no route
-
-
-def test_no_route_out_of_an_enclave(trio: Enclave) -> None:
-    routes = json.loads(sh(f"ip -n {trio.id}-n1 -j route"))
-    assert [r["dst"] for r in routes] == [f"{trio.get_service('n1').ip.rsplit('.', 1)[0]}.0/24"]
-    assert not any(r.get("gateway") for r in routes)
-
-
-def test_node_faults_kill_stop_start_pause_resume(trio: Enclave) -> None:
-    ip = trio.get_service("n2").ip
-
-    def reachable() -> bool:
-        try:
-            with socket.create_connection((ip, probe.PORT), timeout=0.5) as s:
-                s.sendall(b"x\n")
-                return s.recv(10) == b"x\n"
-        except OSError:
-            return False
-
-    assert reachable()
-    with trio.pause("n2"):
-        assert trio.status("n2") == "paused" and not reachable()
-    assert reachable()
-    trio.kill("n2")
-    assert trio.status("n2") == "stopped" and not reachable()
-    trio.start("n2")
-    assert trio.status("n2") == "running" and reachable()
-    pids = sh(f"ip netns pids {trio.id}-n2").split()
-    trio.restart("n2")
-    assert reachable() and sh(f"ip netns pids {trio.id}-n2").split() != pids
-    trio.stop("n2")
-    assert not reachable()
-    kinds = [e.kind for e in trio.timeline if e.kind not in ("open", "add_service")]
-    assert kinds == ["pause", "resume", "kill", "start", "stop", "start", "stop"]
 
 
 def test_timeline_records_every_change_with_monotonic_times(trio: Enclave) -> None:
@@ -312,16 +226,6 @@ def test_delay_without_netem_raises_and_changes_nothing(trio: Enclave) -> None:
         trio.set_delay("main", "secondary", 50)
 
 
-def test_a_service_that_exits_fails_add_service_with_its_log(enclave: Enclave) -> None:
-    with pytest.raises(ServiceError, match=r"exited with status 3(.|\n)*\| boom"):
-        enclave.add_service(
-            "crash", ServiceConfig(cmd=["sh", "-c", "echo boom; exit 3"], ports={"p": 9})
-        )
-    assert f"{enclave.id}-crash" not in sh("ip netns list")
-    assert "crash" not in enclave.services
-    add_probes(enclave, "crash")  # the name is free again, the enclave still works
-
-
 def test_ready_timeout_names_the_condition_and_the_log(enclave: Enclave) -> None:
     from pytest_enclave import ReadyTimeoutError
 
@@ -334,28 +238,6 @@ def test_ready_timeout_names_the_condition_and_the_log(enclave: Enclave) -> None
         )
     assert f"{enclave.id}-slow" not in sh("ip netns list")
     assert "echo hi; sleep 100" not in sh("ps -eo args")
-
-
-def test_close_removes_everything_and_touches_nothing_else() -> None:
-    before = host_state()
-    with Enclave() as e:
-        add_probes(e, "a", "b")
-        e.update_service("b", UpdateServiceConfig(subnetwork="s2"))
-        e.set_connection(("main", "s2"), BLOCKED)
-        enclave_id = e.id
-        hub = json.loads(sh(f"ip netns exec {enclave_id}-_hub nft -j list ruleset"))
-        assert any("map" in json.dumps(x) or "vmap" in json.dumps(x) for x in hub["nftables"])
-        pids = sh(f"ip netns pids {enclave_id}-a").split()
-        assert pids
-    after = host_state()
-    # The host's own tables, routes, links and namespaces are exactly as they were (other
-    # enclaves, e.g. of other xdist workers, may come and go meanwhile: they are left out).
-    assert foreign(after) == foreign(before)
-    assert f"{enclave_id}h" not in after["links"]
-    assert not [r for r in after["routes"] if r.get("dev") == f"{enclave_id}h"]
-    assert not [n for n in sh("ip netns list").split() if n.startswith(f"{enclave_id}-")]
-    for pid in pids:
-        assert not os.path.exists(f"/proc/{pid}")
 
 
 def test_close_on_exception_and_on_ctrl_c(tmp_path) -> None:
@@ -385,37 +267,6 @@ def test_close_on_exception_and_on_ctrl_c(tmp_path) -> None:
         enclave_id = e.id
         raise RuntimeError("test body failed")
     assert enclave_id + "-" not in sh("ip netns list")
-
-
-def test_a_killed_run_is_reaped_by_the_next_owner_of_its_slot(tmp_path) -> None:
-    from pytest_enclave._linux import Slot
-
-    code = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from helpers import add_probes
-        from pytest_enclave import Enclave
-        e = Enclave()
-        add_probes(e, "a")
-        print(e.id, flush=True)
-        os._exit(9)  # no cleanup at all
-    """)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
-    number = int(out.strip()[2:])
-    assert f"pe{number}-a" in sh("ip netns list")
-    slot = Slot.acquire(start=number)
-    try:
-        assert slot.number == number
-        from pytest_enclave.backends.netns import reap_slot
-
-        assert f"pe{number}-a" in reap_slot(number)
-    finally:
-        slot.release()
-    assert f"pe{number}-" not in sh("ip netns list")
-    assert not sh(
-        f"pgrep -f 'pytest_enclave.probe' | xargs -r -I{{}} ip netns identify {{}}"
-        f" | grep pe{number}- || true"
-    )
 
 
 def test_without_privileges_one_clear_error() -> None:
