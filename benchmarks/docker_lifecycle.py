@@ -33,16 +33,9 @@ import docker  # noqa: E402
 from docker.types import EndpointConfig, IPAMConfig, IPAMPool  # noqa: E402
 
 from pytest_enclave import Enclave, ServiceConfig  # noqa: E402
+from pytest_enclave.demo import SERVICES as SEED  # noqa: E402
 
 IMAGE = "pytest-enclave/debian:test"
-SEED = [
-    "cassandra_node_1",
-    "cassandra_node_2",
-    "cassandra_node_3",
-    "app_service_1",
-    "app_service_2",
-    "single_port_proxy",
-]
 SLEEP = ["sleep", "1000"]
 LABELS = {"org.pytest-enclave.owner": f"benchmark:{os.getpid()}"}
 

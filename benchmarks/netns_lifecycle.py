@@ -26,16 +26,9 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pytest_enclave import BLOCKED, ConnectionConfig, Enclave, ServiceConfig  # noqa: E402
+from pytest_enclave.demo import SERVICES as SEED  # noqa: E402
 from pytest_enclave.shapers.nftables import render  # noqa: E402
 
-SEED = [
-    "cassandra_node_1",
-    "cassandra_node_2",
-    "cassandra_node_3",
-    "app_service_1",
-    "app_service_2",
-    "single_port_proxy",
-]
 SLEEP = ["sleep", "1000"]
 
 
