@@ -6,6 +6,7 @@ restored by the plugin before every test, so each test starts with every connect
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import pytest
@@ -27,3 +28,10 @@ def enclave_services() -> Callable[[Enclave], None]:
                     rtts(enclave, src, dst, 1)
 
     return run
+
+
+def pytest_report_header() -> str:
+    from pytest_enclave.caps import has_netem
+
+    missing = has_netem()
+    return f"kernel {os.uname().release}: " + ("has sch_netem" if missing is None else missing)
