@@ -9,7 +9,7 @@ import sys
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    summary = run(count=args.count, backend=args.backend)
+    summary = run(count=args.count)
     ok = (
         summary["max_loss_before"] < 0.02
         and summary["max_loss_inside"] < 0.02
@@ -44,7 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="the seed scenario: 6 services, 2 subnetworks, 90%% loss")
     demo.add_argument("--count", type=int, default=2000, help="datagrams per directed pair")
-    demo.add_argument("--backend", default="netns", choices=["netns", "docker"])
     demo.set_defaults(fn=_demo)
     doctor = sub.add_parser("doctor", help="what this machine can do, and how to fix the rest")
     doctor.set_defaults(fn=_doctor)

@@ -290,6 +290,8 @@ class NamespaceWorker:
                 result.set_exception(exc)
 
     def call(self, fn: Callable[[], T]) -> T:
+        if not self._thread.is_alive():
+            raise BackendError("the namespace worker has stopped (its enclave is closed)")
         result: Future[object] = Future()
         self._jobs.put((fn, result))
         return result.result()  # type: ignore[return-value]  # fn's own result

@@ -64,17 +64,19 @@ def _namespaces() -> Capability:
 
 def _nftables() -> Capability:
     from .shapers._libnft import Nft
+    from .shapers.nftables import RANDOM_LOSS, REJECT, probe_script
 
-    reject_rule = "meta l4proto tcp reject with tcp reset"
+    def check(nft: Nft) -> bool:
+        try:
+            nft.run(probe_script(RANDOM_LOSS))
+            return nft.accepts(probe_script(REJECT))
+        finally:
+            nft.close()
 
     def attempt(path: str) -> bool:
         worker = _linux.NamespaceWorker(path)
-        chain = (
-            "table bridge t {{\n chain f {{\n type filter hook forward priority 0;\n{}\n }}\n}}\n"
-        )
         try:
-            worker.call(lambda: Nft().run(chain.format("numgen random mod 100 < 50 drop")))
-            return worker.call(lambda: Nft().accepts(chain.format(reject_rule)))
+            return worker.call(lambda: check(Nft()))
         finally:
             worker.close()
 

@@ -163,6 +163,11 @@ class ConnectionConfig:
             "reorder_percentage",
         ):
             object.__setattr__(self, name, _percentage(name, getattr(self, name)))
+        if 0 < self.packet_loss_percentage < 0.01:
+            raise ConfigError(
+                f"packet_loss_percentage={self.packet_loss_percentage!r} is not allowed: the "
+                "resolution is 0.01 %; give 0 or at least 0.01"
+            )
         delay = self.packet_delay_distribution
         if delay is not None and not isinstance(delay, PacketDelayDistribution):
             raise ConfigError(

@@ -28,7 +28,7 @@ SERVICES = [
 ]
 
 
-def run(out: TextIO = sys.stdout, count: int = 2000, backend: str = "netns") -> dict[str, float]:
+def run(out: TextIO = sys.stdout, count: int = 2000) -> dict[str, float]:
     """Run the scenario, print it, return the worst deviations seen (for the caller to check)."""
 
     def say(text: str = "") -> None:
@@ -43,8 +43,8 @@ def run(out: TextIO = sys.stdout, count: int = 2000, backend: str = "netns") -> 
         return loss
 
     started = time.monotonic()
-    with Enclave(backend=backend) as enclave:
-        say(f"enclave {enclave.id} on the {backend} backend")
+    with Enclave() as enclave:
+        say(f"enclave {enclave.id} on the netns backend")
         for name in SERVICES:
             enclave.add_service(
                 name=name,

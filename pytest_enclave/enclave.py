@@ -123,14 +123,19 @@ class Enclave(FaultHelpers):
         self._closed = False
         self._slot = _linux.Slot.acquire()
         self.run_dir = tempfile.mkdtemp(prefix=f"pytest-enclave-pe{self._slot.number}-")
+        shaper: Shaper | None = None
         try:
-            self._shaper: Shaper = self._backend.open(self._slot, self.run_dir)
-            self._shaper.apply(self._policies, {})
+            shaper = self._backend.open(self._slot, self.run_dir)
+            shaper.apply(self._policies, {})
         except BaseException:
+            if shaper is not None:
+                with suppress(Exception):  # the original error is the one to see
+                    shaper.close()
             self._backend.close()
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self._slot.release()
             raise
+        self._shaper: Shaper = shaper
         self.id = f"pe{self._slot.number}"
         _open_enclaves.add(self)
         self.timeline.record("open", f"enclave {self.id} ({self._backend.name} backend)")
@@ -157,6 +162,7 @@ class Enclave(FaultHelpers):
         if keep:
             with open(self._slot.keep_marker(), "w") as f:
                 f.write(self.run_dir + "\n")
+            self._shaper.close(keep=True)
             self._backend.close(keep=True)
             self._slot.release()
             return
@@ -343,7 +349,7 @@ class Enclave(FaultHelpers):
         self._node_fault(
             name, "pause", lambda: self._backend.signal(name, signal.SIGSTOP), "paused"
         )
-        return Fault(f"pause {name}", lambda: self.resume(name))
+        return Fault(f"pause {name}", lambda: None if self._closed else self.resume(name))
 
     def resume(self, name: str) -> None:
         self._node_fault(
@@ -387,7 +393,7 @@ class Enclave(FaultHelpers):
             self._apply(replace(self._state, default=conn))
             self.timeline.record("set_connection", f"default: {conn.describe()}")
             return Fault(
-                f"default connection {conn.describe()}", lambda: self._restore_default(before)
+                f"default connection {conn.describe()}", lambda: self._restore_default(before, conn)
             )
         pair = self._pair(subnetworks)
         previous = self._state.overrides.get(pair)
@@ -395,17 +401,22 @@ class Enclave(FaultHelpers):
         a, b = sorted(pair)
         self.timeline.record("set_connection", f"{a} <-> {b}: {conn.describe()}")
         return Fault(
-            f"{a} <-> {b} {conn.describe()}", lambda: self._restore_override(pair, previous)
+            f"{a} <-> {b} {conn.describe()}",
+            lambda: self._restore_override(pair, previous, conn),
         )
 
-    def _restore_default(self, previous: ConnectionConfig) -> None:
-        if self._closed or self._state.default == previous:
+    def _restore_default(self, previous: ConnectionConfig, mine: ConnectionConfig) -> None:
+        # Only while what this Fault set is still in force: after heal() or a later change,
+        # undoing it must not bring an older setting back.
+        if self._closed or self._state.default != mine:
             return
         self._apply(replace(self._state, default=previous))
         self.timeline.record("restore", f"default: {previous.describe()}")
 
-    def _restore_override(self, pair: frozenset[str], previous: ConnectionConfig | None) -> None:
-        if self._closed or self._state.overrides.get(pair) == previous:
+    def _restore_override(
+        self, pair: frozenset[str], previous: ConnectionConfig | None, mine: ConnectionConfig
+    ) -> None:
+        if self._closed or self._state.overrides.get(pair) != mine:
             return
         self._apply(self._state.with_override(pair, previous))
         a, b = sorted(pair)
@@ -502,6 +513,8 @@ class Enclave(FaultHelpers):
         )
         self._apply(base)
         for name, config in checkpoint.services.items():
+            if name in self._services and self._services[name].config != config:
+                self.remove_service(name)  # removed and added again with another config
             if name not in self._services:
                 self.add_service(name, config)
                 continue

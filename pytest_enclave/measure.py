@@ -24,22 +24,31 @@ def loss_matrix(
     destination counts per source address, so the directions are measured separately.
     """
     ips = {n: enclave.get_service(n).ip for n in names}
-    clients = {n: ProbeClient(ips[n]) for n in names}
+    clients: dict[str, ProbeClient] = {}
+    errors: list[BaseException] = []
     try:
-        for client in clients.values():
-            client.call("reset")
+        for n in names:
+            clients[n] = ProbeClient(ips[n])
+            clients[n].call("reset")
 
         def send(src: str) -> None:
-            with ProbeClient(ips[src]) as own:  # one connection per thread
-                for dst in names:
-                    if dst != src:
-                        own.call("blast", to=ips[dst], count=count)
+            try:
+                with ProbeClient(ips[src]) as own:  # one connection per thread
+                    for dst in names:
+                        if dst != src:
+                            answer = own.call("blast", to=ips[dst], count=count)
+                            if answer != {"sent": count}:
+                                raise RuntimeError(f"probe in {src!r} answered {answer!r}")
+            except BaseException as exc:  # a probe that failed must not read as 100 % loss
+                errors.append(exc)
 
         threads = [threading.Thread(target=send, args=(n,)) for n in names]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        if errors:
+            raise errors[0]
         time.sleep(settle)  # the last datagrams are still in flight
         result = {}
         for dst in names:

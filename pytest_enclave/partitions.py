@@ -118,6 +118,8 @@ class FaultHelpers:
         self.timeline.record("heal", "all rules and overrides removed, default allowed")
 
         def unheal() -> None:
+            if self._closed:
+                return
             self._apply(
                 replace(
                     self._state,

@@ -28,6 +28,9 @@ from pytest_enclave.shapers.nftables import render
 
 def test_public_names_are_curated() -> None:
     assert sorted(pytest_enclave.__all__) == sorted(set(pytest_enclave.__all__))
+    public = {n for n in vars(pytest_enclave) if not n.startswith("_")} - {"annotations"}
+    modules = {n for n in public if type(getattr(pytest_enclave, n)).__name__ == "module"}
+    assert set(pytest_enclave.__all__) - {"__version__"} == public - modules
     for name in (
         "Enclave",
         "ServiceConfig",
@@ -184,3 +187,40 @@ def test_readme_plugin_example_is_the_one_examples_runs() -> None:
     )[0]
     assert (root / "examples/readme/conftest.py").read_text().endswith(conftest)
     assert (root / "examples/readme/test_outage.py").read_text() == test
+
+
+def test_compiled_table_agrees_with_the_pairwise_definition_on_random_states() -> None:
+    """compile_policies groups sources for speed; MatrixState.policy is the plain definition."""
+    import itertools
+    import random
+
+    rng = random.Random(7)
+    configs = [
+        ALLOWED,
+        BLOCKED,
+        ConnectionConfig(packet_loss_percentage=30),
+        ConnectionConfig(packet_loss_percentage=90),
+    ]
+    names = [f"s{i}" for i in range(9)]
+    for _ in range(200):
+        subnets = {n: rng.choice("abc") for n in names}
+        state = MatrixState(subnets, default=rng.choice(configs))
+        for pair in itertools.combinations("abc", 2):
+            if rng.random() < 0.5:
+                state = state.with_override(frozenset(pair), rng.choice(configs))
+        ids = itertools.count(1)
+        rules = ()
+        for _ in range(rng.randrange(3)):
+            groups = [rng.sample(names, 2), rng.sample(names, 2)]
+            if not set(groups[0]) & set(groups[1]):
+                rules += partition_rules(groups, ids, "p", rng.choice(configs[1:]))
+        state = MatrixState(state.subnetworks, state.default, state.overrides, rules)
+        table = compile_policies(state)
+        for src, dst in itertools.permutations(names, 2):
+            assert table.get(src, dst) == state.policy(src, dst), (src, dst, state)
+
+
+def test_loss_below_the_resolution_is_refused_not_ignored() -> None:
+    with pytest.raises(ConfigError, match="resolution is 0.01 %"):
+        ConnectionConfig(packet_loss_percentage=0.001)
+    assert ConnectionConfig(packet_loss_percentage=0.01).packet_loss_percentage == 0.01

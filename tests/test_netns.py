@@ -109,7 +109,7 @@ def test_partition_groups_and_the_unlisted_rest(trio: Enclave) -> None:
 
 
 def _bridge_reject_supported() -> bool:
-    ns = "pe-rejectcheck"
+    ns = f"pe-rejectcheck-{os.getpid()}"
     script = (
         "table bridge t {\n chain f {\n type filter hook forward priority 0;\n"
         " meta l4proto tcp reject with tcp reset\n }\n}\n"
@@ -277,3 +277,22 @@ def test_without_privileges_one_clear_error() -> None:
     drop = ["setpriv", "--bounding-set=-net_admin,-sys_admin", "--inh-caps=-net_admin,-sys_admin"]
     out = subprocess.run([*drop, sys.executable, "-c", code], capture_output=True, text=True)
     assert "needs root (or CAP_NET_ADMIN and CAP_SYS_ADMIN)" in out.stdout, out.stderr
+
+
+def test_undo_never_brings_back_what_heal_or_a_later_change_replaced(trio: Enclave) -> None:
+    trio.update_service("n2", UpdateServiceConfig(subnetwork="secondary"))
+    trio.set_connection(("main", "secondary"), BLOCKED)
+    lossy = trio.set_connection(("main", "secondary"), packet_loss_percentage=50.0)
+    default = trio.set_connection(config=BLOCKED)
+    healing = trio.heal()
+    lossy.undo()  # would restore BLOCKED for the pair: heal() already replaced it
+    default.undo()
+    assert trio.connection("main", "secondary").is_allowed
+    assert loss_matrix(trio, ["n1", "n2"], 300)[("n1", "n2")] == 0.0
+    healing.undo()  # brings back what heal() removed: the 50 % pair and the blocked default
+    assert trio.connection("main", "secondary").packet_loss_percentage == 50.0
+    paused = trio.pause("n3")
+    trio.close()
+    healing.undo()  # after close: nothing to do, and no hang
+    paused.undo()
+    lossy.undo()

@@ -173,7 +173,12 @@ class DockerBackend:
             None,
             table_names(slot.number)[0],
             kernel=os.uname().release,
-            netem_missing=has_netem() or "the docker backend has no netem shaper yet",
+            netem_missing=has_netem() or "",
+            netem_backend_gap=(
+                "the docker backend does not drive yet (this kernel has it)"
+                if has_netem() is None
+                else ""
+            ),
         )
 
     def _create_network(self) -> str:
@@ -308,8 +313,9 @@ class DockerBackend:
             _drop_default_route(ctr.pid, ctr.spec.ip, self.gateway_ip)
 
     def remove(self, name: str) -> None:
-        ctr = self._containers.pop(name)
+        ctr = self._containers[name]
         _call(f"removing container of {name!r}", lambda: self._remove_id(ctr.id))
+        del self._containers[name]  # only once it is gone: close() still knows it otherwise
 
     def _state(self, name: str) -> dict[str, Any]:
         ctr = self._containers[name]

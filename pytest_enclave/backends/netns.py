@@ -28,8 +28,9 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from .. import _linux
 from .._linux import Slot
+from .._netlink import netlink_call as _netlink
 from ..caps import has_netem
-from ..errors import BackendError, ServiceError
+from ..errors import ServiceError
 from ..shapers.netem import NetemShaper
 from ..shapers.nftables import NftablesShaper
 from . import ExecResult, ServiceSpec
@@ -58,13 +59,6 @@ def _enter(netns_path: str, hosts: str, hostname: str) -> Callable[[], None]:
         _linux.sethostname(hostname)
 
     return enter
-
-
-def _netlink(what: str, fn: Callable[[], object]) -> object:
-    try:
-        return fn()
-    except NetlinkError as exc:
-        raise BackendError(f"{what} failed: {exc}") from exc
 
 
 class NetnsBackend:

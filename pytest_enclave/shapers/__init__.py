@@ -19,5 +19,6 @@ class Shaper(Protocol):
     def apply(self, table: PolicyTable, addresses: Mapping[str, str]) -> None:
         """Replace everything in force by ``table`` (service names mapped by ``addresses``)."""
 
-    def close(self) -> None:
-        """Remove everything this shaper added to the kernel."""
+    def close(self, keep: bool = False) -> None:
+        """Remove everything this shaper added to the kernel (``keep``: leave it in force,
+        only free threads and sockets)."""

@@ -60,6 +60,7 @@ from pyroute2.netlink.rtnl import RTM_NEWQDISC
 from pyroute2.netlink.rtnl.tcmsg import tcmsg
 
 from .. import _linux
+from .._netlink import netlink_call as _netlink
 from ..config import ConnectionConfig
 from ..errors import BackendError, CapabilityError
 from ..matrix import PolicyTable
@@ -370,9 +371,9 @@ class NetemShaper:
                 self._delete_ifb(cls)
                 cls.built = False
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
         """Remove our HTB roots and ifb devices (with ``drop_on_close``), then the socket."""
-        if self._drop_on_close:
+        if self._drop_on_close and not keep:
             for cls in [*self._live.values(), *self._retiring]:
                 self._delete_ifb(cls)
             for index in self._ports.values():
@@ -405,7 +406,7 @@ class NetemShaper:
         found = self._ipr.link_lookup(ifname=ifname) if ifname else []
         if not found:
             return None
-        self._netlink(
+        _netlink(
             f"adding an HTB root to {ifname} (the port of {dst!r})",
             lambda: self._ipr.tc("add", "htb", index=found[0], handle=ROOT, default=0),
         )
@@ -425,7 +426,7 @@ class NetemShaper:
     def _build_htb(self, cls: _Class, index: int) -> None:
         handle = ROOT | cls.minor
         what = f"class 1:{cls.minor:x} towards {cls.dst!r} ({cls.config.describe()})"
-        self._netlink(
+        _netlink(
             f"adding HTB {what}",
             lambda: self._ipr.tc(
                 "add-class", "htb", index=index, handle=handle, parent=ROOT,
@@ -434,7 +435,7 @@ class NetemShaper:
         )  # fmt: skip
         msg = _netem_request(index, cls.minor << 16, handle, cls.config)
         try:
-            self._netlink(f"adding netem under {what}", lambda: self._ipr.nlm_request_batch([msg]))
+            _netlink(f"adding netem under {what}", lambda: self._ipr.nlm_request_batch([msg]))
         except BackendError:
             self._delete_class(index, cls.minor)
             raise
@@ -446,18 +447,18 @@ class NetemShaper:
         cls.ifb = next(self._ifb_names)
         what = f"ifb {cls.ifb} towards {cls.dst!r} ({cls.config.describe()})"
         try:
-            self._netlink(
+            _netlink(
                 f"adding {what}",
                 lambda: self._ipr.link("add", ifname=cls.ifb, kind="ifb", state="up"),
             )
             ifb = self._ipr.link_lookup(ifname=cls.ifb)[0]
             msg = _netem_request(ifb, ROOT, _TC_H_ROOT, cls.config)
-            self._netlink(f"adding netem on {what}", lambda: self._ipr.nlm_request_batch([msg]))
+            _netlink(f"adding netem on {what}", lambda: self._ipr.nlm_request_batch([msg]))
             actions = [
                 {"kind": "skbedit", "priority": ROOT},
                 {"kind": "mirred", "direction": "egress", "action": "redirect", "ifindex": ifb},
             ]
-            self._netlink(
+            _netlink(
                 f"adding the fw filter for {what}",
                 lambda: self._ipr.tc(
                     "add-filter", "fw", index=index, parent=ROOT, prio=_FW_PRIO,
@@ -537,10 +538,3 @@ class NetemShaper:
                 queue = stats.get_attr("TCA_STATS_QUEUE") if stats else None
                 lengths[msg["handle"] & 0xFFFF] = queue["qlen"] if queue else 0
         return lengths
-
-    @staticmethod
-    def _netlink(what: str, fn: Callable[[], object]) -> object:
-        try:
-            return fn()
-        except NetlinkError as exc:
-            raise BackendError(f"{what} failed: {exc}") from exc

@@ -23,9 +23,19 @@ from ._libnft import Nft
 if TYPE_CHECKING:
     from .netem import NetemShaper, Steer
 
-__all__ = ["NftablesShaper", "render"]
+__all__ = ["RANDOM_LOSS", "REJECT", "NftablesShaper", "probe_script", "render"]
 
 _LOSS_SCALE = 10000  # loss resolution: 0.01 %
+REJECT = "meta l4proto tcp reject with tcp reset"
+RANDOM_LOSS = "numgen random mod 100 < 50 drop"
+
+
+def probe_script(rule: str) -> str:
+    """A throwaway bridge table holding ``rule``: to ask the kernel whether it takes it."""
+    return (
+        "table bridge pe_probe {\n chain f {\n type filter hook forward priority 0;\n"
+        f" {rule}\n }}\n}}\n"
+    )
 
 
 def _verdict(config: ConnectionConfig, chains: dict[str, str], netem: bool) -> str:
@@ -37,7 +47,7 @@ def _verdict(config: ConnectionConfig, chains: dict[str, str], netem: bool) -> s
             return "jump reject_all"
         return "drop"
     threshold = round(config.packet_loss_percentage * _LOSS_SCALE / 100)
-    if threshold <= 0:
+    if threshold <= 0:  # only 0 % itself: below the resolution is refused by check()
         return ""
     name = f"loss_{threshold}"
     chains[name] = f"numgen random mod {_LOSS_SCALE} < {threshold} drop"
@@ -103,6 +113,7 @@ class NftablesShaper:
         drop_on_close: bool = True,
         netem: NetemShaper | None = None,
         netem_missing: str = "",
+        netem_backend_gap: str = "",
     ) -> None:
         self.table_name = table_name
         # False when the namespace is the enclave's own: deleting it removes the table
@@ -113,8 +124,9 @@ class NftablesShaper:
         self._nft: Nft | None = None
         self._applied = False
         self.netem = netem
-        self.netem_fields_ok = netem is not None  # also settable by a netem-capable composite
         self._netem_missing = netem_missing
+        # set where the kernel has netem but the backend does not drive it (docker, for now)
+        self._netem_backend_gap = netem_backend_gap
         self._reject: bool | None = None
 
     def check(self, table: PolicyTable) -> None:
@@ -128,10 +140,15 @@ class NftablesShaper:
             )
         if self.netem is not None:
             self.netem.check(table)
-        if self.netem_fields_ok:
             return
         for config in configs:
             fields = config.needs_netem
+            if fields and self._netem_backend_gap:
+                raise CapabilityError(
+                    f"{', '.join(fields)} ({config.describe()}) needs netem, which "
+                    f"{self._netem_backend_gap}; only packet_loss_percentage and BLOCKED work "
+                    "here. Use the netns backend for these fields"
+                )
             if fields:
                 where = f" ({self._kernel})" if self._kernel else ""
                 why = f": {self._netem_missing}" if self._netem_missing else ""
@@ -146,11 +163,7 @@ class NftablesShaper:
 
     def _reject_ok(self) -> bool:
         if self._reject is None:
-            probe = (
-                "table bridge pe_probe {\n chain f {\n type filter hook forward priority 0;\n"
-                " meta l4proto tcp reject with tcp reset\n }\n}\n"
-            )
-            self._reject = self._worker.call(lambda: self._ctx().accepts(probe))
+            self._reject = self._worker.call(lambda: self._ctx().accepts(probe_script(REJECT)))
         return self._reject
 
     def apply(self, table: PolicyTable, addresses: Mapping[str, str]) -> None:
@@ -161,8 +174,8 @@ class NftablesShaper:
         """
         netem = self.netem
         steer = netem.stage(table) if netem is not None else None
-        script = render(self.table_name, table, addresses, steer)
         try:
+            script = render(self.table_name, table, addresses, steer)
             self._worker.call(lambda: self._ctx().run(script))
         except BaseException:
             if netem is not None:
@@ -172,20 +185,16 @@ class NftablesShaper:
             netem.commit()
         self._applied = True
 
-    def dump(self) -> object:
-        """The table as nft JSON (for reports and tests)."""
-        return self._worker.call(
-            lambda: self._ctx().run_json(f"list table bridge {self.table_name}")
-        )
-
     def _ctx(self) -> Nft:
         if self._nft is None:
             self._nft = Nft()
         return self._nft
 
-    def close(self) -> None:
+    def close(self, keep: bool = False) -> None:
+        """Remove our table (``keep``: leave it in force) and free the thread and sockets."""
+
         def drop() -> None:
-            if self._applied and self._drop_on_close:
+            if self._applied and self._drop_on_close and not keep:
                 # BackendError: already gone (e.g. its namespace was removed first)
                 with suppress(BackendError):
                     self._ctx().run(f"delete table bridge {self.table_name}")
@@ -198,4 +207,4 @@ class NftablesShaper:
             self._worker.close()
         finally:
             if self.netem is not None:
-                self.netem.close()
+                self.netem.close(keep=keep)
