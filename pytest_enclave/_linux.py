@@ -237,11 +237,32 @@ class Slot:
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     continue
                 raise
+            remove_run_dirs(number)  # of a killed run: nobody else can hold this slot now
             return cls(number, fd)
         raise BackendError(
             f"all {cls.COUNT} enclave slots are in use or kept: close enclaves, or remove kept "
             "ones with `python -m pytest_enclave clean`"
         )
+
+
+def run_dir_prefix(number: int) -> str:
+    return f"pytest-enclave-pe{number}-"
+
+
+def remove_run_dirs(number: int) -> list[str]:
+    """Remove the run directories (logs, hosts file) that enclaves of slot ``number`` left.
+
+    Only call it while holding the slot's lock (or for a slot kept for inspection that is
+    being cleaned): a live enclave's directory would go too.
+    """
+    import glob
+    import shutil
+    import tempfile
+
+    found = glob.glob(os.path.join(tempfile.gettempdir(), run_dir_prefix(number) + "*"))
+    for path in found:
+        shutil.rmtree(path, ignore_errors=True)
+    return found
 
 
 def _rotated(first: int, count: int) -> Iterator[int]:

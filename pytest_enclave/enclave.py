@@ -122,7 +122,7 @@ class Enclave(FaultHelpers):
         self.timeline = Timeline()
         self._closed = False
         self._slot = _linux.Slot.acquire()
-        self.run_dir = tempfile.mkdtemp(prefix=f"pytest-enclave-pe{self._slot.number}-")
+        self.run_dir = tempfile.mkdtemp(prefix=_linux.run_dir_prefix(self._slot.number))
         shaper: Shaper | None = None
         try:
             shaper = self._backend.open(self._slot, self.run_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import shutil
 from contextlib import suppress
 
 from . import _linux
@@ -39,11 +38,8 @@ def clean(include_kept: bool = True, enclave_ids: list[str] | None = None) -> li
                 continue  # in use by a live enclave
             removed += [f"network namespace {n}" for n in reap_slot(number)]
             removed += _reap_docker(number)
+            removed += [f"run directory {d}" for d in _linux.remove_run_dirs(number)]
             if kept:
-                with open(marker) as f:
-                    run_dir = f.read().strip()
-                if run_dir.startswith("/tmp/pytest-enclave-"):
-                    shutil.rmtree(run_dir, ignore_errors=True)
                 os.unlink(marker)
                 removed.append(f"kept enclave pe{number}")
         finally:

@@ -10,6 +10,7 @@ bash tools/build-images.sh`), so there they run.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Callable, Iterator
@@ -424,9 +426,12 @@ def test_a_killed_run_is_reaped_by_the_next_owner_of_its_slot(backend: str) -> N
     assert out.stdout.startswith("pe"), out.stderr
     number = int(out.stdout.strip()[2:])
     label = f"org.pytest-enclave.slot={number}"
+    run_dirs = f"{tempfile.gettempdir()}/pytest-enclave-pe{number}-*"
+    assert glob.glob(run_dirs)  # the killed run's logs and hosts file
     slot = Slot.acquire(start=number)  # as the next enclave in this slot would
     try:
         assert slot.number == number
+        assert not glob.glob(run_dirs)
         if backend == "docker":
             assert docker_objects(label) != ([], [])
             removed = docker_reap_slot(number)
