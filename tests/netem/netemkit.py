@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,23 +47,11 @@ def service(subnetwork: str) -> ServiceConfig:
     )
 
 
-class Seq:
-    """The control channel of one service's seqprobe."""
+class Seq(ProbeClient):
+    """The control channel of one service's seqprobe (the probe's client, another port)."""
 
     def __init__(self, enclave: Enclave, name: str) -> None:
-        self.ip = enclave.get_service(name).ip
-        self._sock = socket.create_connection((self.ip, seqprobe.CONTROL_PORT), timeout=120)
-        self._file = self._sock.makefile("rwb")
-
-    def call(self, op: str, **fields: Any) -> dict[str, Any]:
-        self._file.write(json.dumps({"op": op, **fields}).encode() + b"\n")
-        self._file.flush()
-        answer: dict[str, Any] = json.loads(self._file.readline())
-        return answer
-
-    def close(self) -> None:
-        self._file.close()
-        self._sock.close()
+        super().__init__(enclave.get_service(name).ip, seqprobe.CONTROL_PORT, timeout=120)
 
 
 @contextmanager
