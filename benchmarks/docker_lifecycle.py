@@ -25,12 +25,12 @@ import os
 import statistics
 import sys
 import threading
-import time
 from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import docker  # noqa: E402
+from _timing import timed  # noqa: E402  # beside this script
 from docker.types import EndpointConfig, IPAMConfig, IPAMPool  # noqa: E402
 
 from pytest_enclave import Enclave, ServiceConfig  # noqa: E402
@@ -104,16 +104,6 @@ def raw_sdk(client: docker.DockerClient, parallel_remove: bool = False) -> Calla
         network.remove()
 
     return run
-
-
-def timed(fn: Callable[[], None], runs: int) -> list[float]:
-    fn()  # warm imports, caches and the engine's image layers
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
 
 
 def line(label: str, samples: list[float]) -> str:

@@ -25,6 +25,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _timing import timed  # noqa: E402  # beside this script
+
 from pytest_enclave import BLOCKED, ConnectionConfig, Enclave, ServiceConfig  # noqa: E402
 from pytest_enclave.demo import SERVICES as SEED  # noqa: E402
 from pytest_enclave.shapers.nftables import render  # noqa: E402
@@ -83,18 +85,7 @@ def ip_seed() -> None:
     subprocess.run(["bash", "-c", script], check=True)
 
 
-def timed(fn, runs: int) -> list[float]:  # type: ignore[no-untyped-def]  # fn: () -> object
-    samples = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return samples
-
-
 def bench_seed(runs: int) -> None:
-    ours_seed()  # warm imports and caches
-    ip_seed()
     a = timed(ours_seed, runs)
     b = timed(ip_seed, runs)
     ma, mb = statistics.median(a), statistics.median(b)
@@ -125,7 +116,7 @@ def bench_change(sizes: list[int], runs: int) -> None:
                 f.write(script)
             hub = f"{enclave.id}-_hub"
             cmd = ["ip", "netns", "exec", hub, "nft", "-f", f.name]
-            nft = timed(lambda cmd=cmd: subprocess.run(cmd, check=True), runs)
+            nft = timed(lambda cmd=cmd: subprocess.run(cmd, check=True), runs, warm=False)
             os.unlink(f.name)
             pairs = sum(1 for _ in enclave.policies.pairs())
         m, mn = statistics.median(samples), statistics.median(nft)
